@@ -1,0 +1,269 @@
+"""Capture one layer's output during a forward pass, with no lasting effect on the model.
+
+:func:`capture` registers a forward hook on one named sub-module, puts the model in eval mode under
+``torch.no_grad()``, and in ``finally`` removes the hook and restores **each** sub-module's own
+``training`` flag (a model with a frozen, eval-mode backbone stays that way). :func:`find_layer` picks a
+layer automatically: the last module, in forward order, whose output is a ``(B, C, h, w)`` map with
+``h * w > 1``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Capture",
+    "LayerInfo",
+    "capture",
+    "check_feature_map",
+    "find_layer",
+    "get_layer",
+    "layer_shapes",
+    "preserved_modes",
+]
+
+ForwardFn = Callable[[nn.Module, Tensor], object]
+
+
+def _default_forward(model: nn.Module, images: Tensor) -> object:
+    return model(images)
+
+
+def _strip_compile_prefix(name: str) -> str:
+    return name.replace("_orig_mod.", "")
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the sub-module called ``name`` (dotted path; ``Sequential`` indices such as ``"backbone.7"``).
+
+    Models wrapped by ``torch.compile`` are looked through: ``"layer4"`` finds ``"_orig_mod.layer4"``.
+
+    Raises:
+        ValueError: if no sub-module has that name; the message lists close matches.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"layer must be a non-empty dotted module name such as 'layer4' or 'backbone.7', got {name!r}."
+        )
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    aliases = {_strip_compile_prefix(n): m for n, m in modules.items()}
+    if name in aliases:
+        return aliases[name]
+    names = [n for n in aliases if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Close matches: {close}." if close else ""
+    raise ValueError(
+        f"No layer named {name!r} in {type(model).__name__}.{hint} List all names with "
+        "[name for name, _ in model.named_modules()] or `tsm-lightning layers`."
+    )
+
+
+def check_feature_map(output: object, name: str) -> Tensor:
+    """Return ``output`` if it is a ``(B, C, h, w)`` float tensor with ``h * w > 1``, else raise a clear error.
+
+    Args:
+        output: what the layer returned.
+        name: the layer's name, for the message.
+
+    Raises:
+        ValueError: for tuples, token sequences ``(B, N, C)``, other ranks, or maps of spatial size 1x1.
+    """
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"Layer {name!r} returned {type(output).__name__}, not a tensor; choose a layer that returns a "
+            "(B, C, h, w) feature map."
+        )
+    if output.ndim != 4:
+        extra = ""
+        if output.ndim == 3:
+            extra = " Token outputs (B, N, C) of vision transformers are not supported yet."
+        raise ValueError(
+            f"Layer {name!r} returned shape {tuple(output.shape)}; saliency needs a 4-D (B, C, h, w) feature map."
+            f"{extra} Choose a convolutional layer."
+        )
+    if output.shape[-2] * output.shape[-1] <= 1:
+        raise ValueError(
+            f"Layer {name!r} returned {tuple(output.shape)}: a 1x1 map has no spatial extent at this input size. "
+            "Use a larger input image or an earlier layer."
+        )
+    if not output.is_floating_point():
+        raise ValueError(f"Layer {name!r} returned dtype {output.dtype}; a floating-point feature map is needed.")
+    return output
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, and restore every sub-module's own ``training`` flag on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@dataclass
+class Capture:
+    """Holder for the captured output, filled by the hook during the forward pass.
+
+    Attributes:
+        name: the layer's name.
+        output: the layer's first output during the forward pass, detached, or ``None`` before it runs.
+        calls: how many times the layer ran inside the context.
+    """
+
+    name: str
+    output: Tensor | None = None
+    calls: int = 0
+
+    def _hook(self, module: nn.Module, args: object, output: object) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.output = check_feature_map(output, self.name).detach()
+
+    @property
+    def features(self) -> Tensor:
+        """The captured ``(B, C, h, w)`` feature map.
+
+        Raises:
+            RuntimeError: if the layer did not run during the forward pass.
+        """
+        if self.output is None:
+            raise RuntimeError(
+                f"Layer {self.name!r} did not run during the forward pass; check that the forward function "
+                "calls the module that contains it."
+            )
+        return self.output
+
+
+@contextmanager
+def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
+    """Capture the output of ``model``'s sub-module ``layer`` during forward passes inside the block.
+
+    Inside the block the model is in eval mode and autograd is off; on exit (also after an exception) the hook
+    is removed and each sub-module's ``training`` flag is restored. Parameters and gradients are not touched.
+    If the layer runs several times, the first output is kept (``Capture.calls`` counts the runs).
+
+    Example:
+        >>> import torch, torchvision
+        >>> net = torchvision.models.resnet18()
+        >>> with capture(net, "layer4") as cap:
+        ...     _ = net(torch.randn(2, 3, 64, 64))
+        >>> tuple(cap.features.shape)
+        (2, 512, 2, 2)
+
+    Args:
+        model: the network.
+        layer: dotted name of the sub-module, e.g. ``"layer4"``, ``"backbone.7"``.
+
+    Yields:
+        A :class:`Capture` whose ``features`` hold the layer output after the forward pass.
+    """
+    module = get_layer(model, layer)
+    holder = Capture(layer)
+    handle = module.register_forward_hook(holder._hook)
+    try:
+        with preserved_modes(model), torch.no_grad():
+            yield holder
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A candidate layer seen during a forward pass.
+
+    Attributes:
+        name: dotted module name.
+        shape: output shape, or ``None`` if the output was not a tensor.
+        is_map: whether the output is a usable ``(B, C, h, w)`` map with ``h * w > 1``.
+    """
+
+    name: str
+    shape: tuple[int, ...] | None
+    is_map: bool = field(default=False)
+
+
+def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> list[LayerInfo]:
+    """Run one forward pass and list every named sub-module's output shape, in the order modules finished.
+
+    The model is left exactly as it was (modes restored, hooks removed).
+
+    Args:
+        model: the network.
+        images: ``(B, 3, H, W)`` input batch.
+        forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
+
+    Returns:
+        One :class:`LayerInfo` per module call, in completion order (the root module is excluded).
+    """
+    forward = forward_fn or _default_forward
+    seen: list[LayerInfo] = []
+    handles = []
+
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if isinstance(output, Tensor):
+                shape = tuple(output.shape)
+                is_map = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1 and output.is_floating_point()
+                seen.append(LayerInfo(name, shape, is_map))
+            else:
+                seen.append(LayerInfo(name, None, False))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(_strip_compile_prefix(name))))
+        with preserved_modes(model), torch.no_grad():
+            forward(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, warn: bool = True) -> str:
+    """Pick the last module (in forward order) whose output is a ``(B, C, h, w)`` map with ``h * w > 1``.
+
+    Args:
+        model: the network.
+        images: ``(B, 3, H, W)`` input batch of the size that will be explained.
+        forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
+        warn: emit a ``UserWarning`` naming the chosen layer.
+
+    Returns:
+        The dotted module name.
+
+    Raises:
+        ValueError: if no module produces a spatial map at this input size.
+    """
+    infos = layer_shapes(model, images, forward_fn)
+    maps = [info for info in infos if info.is_map]
+    if not maps:
+        tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
+        detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
+        raise ValueError(
+            f"No layer of {type(model).__name__} outputs a (B, C, h, w) map larger than 1x1 for inputs of shape "
+            f"{tuple(images.shape)}.{detail} Use larger images or pass layer= explicitly."
+        )
+    chosen = maps[-1]
+    if warn:
+        warnings.warn(
+            f"No layer given: using {chosen.name!r} with output shape {chosen.shape}, the last layer with a "
+            "spatial feature map. Pass layer= to choose another.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return chosen.name

@@ -1,0 +1,254 @@
+"""The four label-free saliency methods, computed from one shared decomposition.
+
+All functions take ``(B, C, h, w)`` features of any floating dtype on any device and return raw,
+non-negative ``(B, h, w)`` float32 maps on the same device (use :func:`~tsm_lightning.core.normalize_maps`
+for ``[0, 1]`` maps). Notation as in :mod:`tsm_lightning.core.spectral`: ``X`` is the ``(C, N)`` channel
+unfolding, ``Xc`` its per-channel spatially centred twin, ``P_k = u_k^T X`` the projection on the k-th
+left singular vector, ``s_k`` the k-th singular value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tsm_lightning.core.postprocess import normalize_maps
+from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose
+
+__all__ = [
+    "METHODS",
+    "WEIGHTINGS",
+    "Method",
+    "Weighting",
+    "compute_maps",
+    "eigencam",
+    "mtsm",
+    "multivec_eigencam",
+    "saliency_maps",
+    "tsm",
+    "validate_methods",
+]
+
+Method = Literal["eigencam", "tsm", "multivec_eigencam", "mtsm"]
+Weighting = Literal["singular", "variance", "uniform"]
+
+METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
+"""Every saliency method this package computes, in display order."""
+
+WEIGHTINGS: tuple[str, ...] = ("singular", "variance", "uniform")
+"""Weightings of the multivector methods: ``w_k = s_k``, ``w_k = s_k ** 2`` or ``w_k = 1``."""
+
+_CENTRED = frozenset({"eigencam", "multivec_eigencam"})
+_MULTI = frozenset({"multivec_eigencam", "mtsm"})
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def validate_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """Check a method name or a sequence of names against :data:`METHODS`.
+
+    Args:
+        methods: one name or a non-empty sequence of names.
+
+    Returns:
+        The names as a tuple, duplicates removed, order kept.
+
+    Raises:
+        ValueError: for an unknown name or an empty sequence, listing the valid names.
+    """
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not names:
+        raise ValueError(f"methods must name at least one of {METHODS}.")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown saliency method(s) {unknown}; valid methods are {METHODS}.")
+    return tuple(dict.fromkeys(names))
+
+
+def _validate_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"Unknown weighting {weighting!r}; valid weightings are {WEIGHTINGS}.")
+
+
+def _first_component(spectrum: Spectrum) -> Tensor:
+    """``(B, h, w)`` signed projection on the leading component."""
+    return spectrum.projections[:, 0]
+
+
+def _eigencam_map(decomposition: Decomposition) -> Tensor:
+    """``ReLU(sign * P^c_1)`` with the sign making the map correlate positively with the channel sum."""
+    assert decomposition.centred is not None
+    p1 = _first_component(decomposition.centred)
+    # P^c_1 sums to zero over space, so its dot product with the channel-sum map equals their covariance.
+    dot = (p1 * decomposition.channel_sum).sum(dim=(1, 2))
+    sign = torch.where(dot < 0, -1.0, 1.0).to(p1.dtype)
+    return (p1 * sign[:, None, None]).clamp_min(0)
+
+
+def _multivector_map(spectrum: Spectrum, weighting: str) -> Tensor:
+    """``sum_k w_k |P_k| / sum_k w_k`` over the components held in ``spectrum``."""
+    s = spectrum.singular_values
+    if weighting == "singular":
+        weights = s
+    elif weighting == "variance":
+        weights = s * s
+    else:  # uniform over the numerically non-zero components
+        tol = s[:, :1] * (s.shape[1] * torch.finfo(torch.float32).eps)
+        weights = (s > tol).to(s.dtype)
+    total = weights.sum(dim=1)
+    summed = (weights[:, :, None, None] * spectrum.projections.abs()).sum(dim=1)
+    return summed / torch.where(total > 0, total, torch.ones_like(total))[:, None, None]
+
+
+def _to_float32(maps: Tensor) -> Tensor:
+    return maps.clamp(max=_FLOAT32_MAX).to(torch.float32)
+
+
+def compute_maps(
+    decomposition: Decomposition,
+    methods: Sequence[str] = METHODS,
+    *,
+    weighting: str = "singular",
+) -> dict[str, Tensor]:
+    """Raw maps of several methods from one :class:`Decomposition`.
+
+    Args:
+        decomposition: output of :func:`~tsm_lightning.core.decompose` holding the spectra the methods need
+            (the uncentred one for ``tsm``/``mtsm``, the centred one for ``eigencam``/``multivec_eigencam``).
+        methods: names from :data:`METHODS`.
+        weighting: multivector weighting, one of :data:`WEIGHTINGS`.
+
+    Returns:
+        ``{method: (B, h, w) float32}`` raw non-negative maps; zero for invalid (non-finite) images.
+    """
+    methods = validate_methods(methods)
+    _validate_weighting(weighting)
+    out: dict[str, Tensor] = {}
+    for name in methods:
+        spectrum = decomposition.centred if name in _CENTRED else decomposition.uncentred
+        if spectrum is None:
+            view = "centred" if name in _CENTRED else "uncentred"
+            raise ValueError(f"Method {name!r} needs the {view} spectrum, which this decomposition lacks.")
+        if name == "eigencam":
+            raw = _eigencam_map(decomposition)
+        elif name == "tsm":
+            raw = _first_component(spectrum).abs()
+        else:
+            raw = _multivector_map(spectrum, weighting)
+        out[name] = _to_float32(raw)
+    return out
+
+
+def saliency_maps(
+    features: Tensor,
+    methods: str | Sequence[str] = METHODS,
+    *,
+    normalize: bool = True,
+    num_components: int | None = None,
+    weighting: str = "singular",
+) -> dict[str, Tensor]:
+    """Compute several saliency methods from one batched decomposition.
+
+    The Gram matrix and the eigendecomposition are computed once for all requested methods (once per view:
+    uncentred for TSM/MTSM, centred for the EigenCAM variants, both in the same ``eigh`` call).
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device.
+        methods: a name or names from :data:`METHODS`.
+        normalize: min-max normalise each map to ``[0, 1]`` (see :func:`normalize_maps`).
+        num_components: components ``K`` summed by the multivector methods; ``None`` uses all ``min(C, h*w)``.
+        weighting: multivector weighting, one of :data:`WEIGHTINGS`.
+
+    Returns:
+        ``{method: (B, h, w) float32}`` on the features' device, in the order of ``methods``.
+
+    Example:
+        >>> import torch
+        >>> from tsm_lightning import saliency_maps
+        >>> maps = saliency_maps(torch.randn(8, 512, 7, 7))
+        >>> sorted(maps), tuple(maps["tsm"].shape)
+        (['eigencam', 'multivec_eigencam', 'mtsm', 'tsm'], (8, 7, 7))
+    """
+    methods = validate_methods(methods)
+    _validate_weighting(weighting)
+    multi = any(name in _MULTI for name in methods)
+    decomposition = decompose(
+        features,
+        uncentred=any(name not in _CENTRED for name in methods),
+        centred=any(name in _CENTRED for name in methods),
+        num_components=num_components if multi else 1,
+    )
+    maps = compute_maps(decomposition, methods, weighting=weighting)
+    if normalize:
+        maps = {name: normalize_maps(m) for name, m in maps.items()}
+    return maps
+
+
+def eigencam(features: Tensor) -> Tensor:
+    """EigenCAM: the centred features projected on their first principal component, ReLU-ed.
+
+    ``EigenCAM = ReLU(sigma * Xc^T u^c_1) = ReLU(sigma * P^c_1)``, where ``u^c_1`` is the leading left
+    singular vector of the centred unfolding ``Xc`` (pytorch-grad-cam's ``get_2d_projection``). Unlike
+    pytorch-grad-cam, the sign ``sigma`` is fixed deterministically: the map before ReLU has a non-negative
+    dot product (equivalently, correlation) with the channel-sum map ``sum_c F[c]``.
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device.
+
+    Returns:
+        ``(B, h, w)`` float32 raw non-negative maps.
+    """
+    return saliency_maps(features, "eigencam", normalize=False)["eigencam"]
+
+
+def tsm(features: Tensor) -> Tensor:
+    """Tucker Saliency Map: ``|sum_c F[c] A1[c, 0]| = |u_1^T X| = s_1 |v_1|``.
+
+    ``A1`` is the mode-0 (channel) factor of the full-rank Tucker decomposition of ``F``, whose first column
+    is the leading left singular vector ``u_1`` of the uncentred unfolding ``X``.
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device.
+
+    Returns:
+        ``(B, h, w)`` float32 raw non-negative maps.
+    """
+    return saliency_maps(features, "tsm", normalize=False)["tsm"]
+
+
+def multivec_eigencam(features: Tensor, *, num_components: int | None = None, weighting: str = "singular") -> Tensor:
+    """Multivec-EigenCAM: ``sum_k w_k |P^c_k| / sum_k w_k`` over the centred components ``k = 1..K``.
+
+    With the default ``weighting="singular"``, ``w_k = s^c_k``, the k-th singular value of ``Xc``.
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device.
+        num_components: ``K``; ``None`` uses all ``min(C, h*w)`` components.
+        weighting: ``"singular"`` (``s_k``), ``"variance"`` (``s_k**2``) or ``"uniform"`` (1 for each
+            numerically non-zero component).
+
+    Returns:
+        ``(B, h, w)`` float32 raw non-negative maps.
+    """
+    return saliency_maps(
+        features, "multivec_eigencam", normalize=False, num_components=num_components, weighting=weighting
+    )["multivec_eigencam"]
+
+
+def mtsm(features: Tensor, *, num_components: int | None = None, weighting: str = "singular") -> Tensor:
+    """Multivector Tucker Saliency Map: ``sum_k w_k |u_k^T X| / sum_k w_k`` over ``k = 1..K``.
+
+    ``u_k`` are the columns of the Tucker channel factor and, with the default ``weighting="singular"``,
+    ``w_k = s_k`` are the Frobenius norms of the Tucker core's mode-0 slices (the singular values of ``X``).
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device.
+        num_components: ``K``; ``None`` uses all ``min(C, h*w)`` components.
+        weighting: ``"singular"``, ``"variance"`` or ``"uniform"`` (see :func:`multivec_eigencam`).
+
+    Returns:
+        ``(B, h, w)`` float32 raw non-negative maps.
+    """
+    return saliency_maps(features, "mtsm", normalize=False, num_components=num_components, weighting=weighting)["mtsm"]

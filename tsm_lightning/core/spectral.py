@@ -1,0 +1,218 @@
+"""Exact batched spectral decomposition of feature maps.
+
+Every saliency method in this package is a function of the singular value decomposition of the channel
+unfolding of one image's feature map. For a feature map ``F`` of shape ``(C, h, w)`` with ``N = h * w``, the
+unfolding is ``X = F.reshape(C, N)`` and its centred twin is ``Xc = X - X.mean(dim=1, keepdim=True)`` (each
+channel centred over space, as pytorch-grad-cam's EigenCAM does).
+
+Writing ``X = sum_k s_k u_k v_k^T``, the *projection* of the feature map on the k-th channel factor is
+``P_k = u_k^T X = s_k v_k^T``, a map of ``N`` pixels. A full-rank Tucker decomposition of ``F`` has the left
+singular vectors ``u_k`` as its mode-0 factor and the singular values ``s_k`` as the Frobenius norms of its
+core's mode-0 slices (see :mod:`tsm_lightning.core.tucker`), so the projections of both the Tucker and the
+SVD view come from the same eigenproblem.
+
+The fast path forms one batched Gram matrix of size ``m x m`` with ``m = min(C, N)`` -- ``X^T X`` when
+``N <= C``, ``X X^T`` otherwise -- derives the centred Gram from it in ``O(m^2)``, and solves both with a single
+batched float64 ``torch.linalg.eigh``. No Python loop runs over images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Decomposition", "Spectrum", "decompose", "validate_features"]
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Leading singular values and projections of one unfolding (uncentred or centred).
+
+    Attributes:
+        singular_values: ``(B, K)`` float64, descending, non-negative; ``s_k`` in feature units.
+        projections: ``(B, K, h, w)`` float64 signed projections ``P_k = u_k^T X`` (``= s_k v_k``) in feature
+            units. The sign of each component is arbitrary, as for any SVD.
+    """
+
+    singular_values: Tensor
+    projections: Tensor
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Result of :func:`decompose` for a batch of feature maps.
+
+    Attributes:
+        uncentred: spectrum of ``X`` (Tucker / TSM view), or ``None`` if not requested.
+        centred: spectrum of ``Xc`` (EigenCAM view), or ``None`` if not requested.
+        channel_sum: ``(B, h, w)`` float64 map ``sum_c F[c]``, used to fix EigenCAM's sign.
+        valid: ``(B,)`` bool, ``False`` for images whose features held NaN or Inf (their spectra are zero).
+    """
+
+    uncentred: Spectrum | None
+    centred: Spectrum | None
+    channel_sum: Tensor
+    valid: Tensor
+
+
+def validate_features(features: Tensor) -> None:
+    """Raise a clear error unless ``features`` is a floating ``(B, C, h, w)`` tensor with ``B, C, h, w >= 1``.
+
+    Args:
+        features: candidate feature maps.
+
+    Raises:
+        TypeError: if ``features`` is not a floating-point tensor.
+        ValueError: if it is not 4-D or has an empty dimension.
+    """
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor of shape (B, C, h, w), got {type(features).__name__}.")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}.")
+    if features.ndim != 4:
+        hint = ""
+        if features.ndim == 3:
+            hint = (
+                " A 3-D tensor may be a single image's map (add a batch dimension with features[None]) or ViT "
+                "tokens (B, N, C), which are not supported: reshape them to (B, C, h, w) first."
+            )
+        raise ValueError(f"features must have shape (B, C, h, w), got {tuple(features.shape)}.{hint}")
+    if min(features.shape) < 1:
+        raise ValueError(f"features must not have an empty dimension, got shape {tuple(features.shape)}.")
+
+
+def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unfold to ``(B, C, N)`` in the Gram dtype, zero non-finite images, rescale extreme ones.
+
+    Returns:
+        ``(x, unit, valid)``: ``x`` is ``(B, C, N)``, ``unit`` is ``(B,)`` float64 with
+        ``features[b] == x[b] * unit[b]`` (1 unless the image's magnitude would overflow or underflow the Gram),
+        ``valid`` is ``(B,)`` bool.
+    """
+    b, c = features.shape[:2]
+    # float64 stays float64; everything else is computed in float32. On accelerators the Gram is taken in
+    # float64 so that TF32 (``torch.set_float32_matmul_precision("high")``) can never degrade it.
+    gram_dtype = torch.float64 if features.dtype == torch.float64 or features.device.type != "cpu" else torch.float32
+    x = features.reshape(b, c, -1).to(gram_dtype)
+    # Max-abs without allocating |x| (a fresh buffer the size of the features costs more than the Gram here);
+    # NaN and Inf propagate, which makes this the finiteness test too.
+    amax = torch.maximum(x.amax(dim=(1, 2)), -x.amin(dim=(1, 2)))
+    valid = torch.isfinite(amax)
+    if not bool(valid.all()):
+        bad = (~valid).nonzero().flatten().tolist()
+        warnings.warn(
+            f"Features of image(s) {bad} contain NaN or Inf; their saliency maps are set to zero.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        x = torch.where(valid[:, None, None], x, zero)
+        amax = torch.where(valid, amax, zero)
+    # Sums of squares of C * N entries must neither overflow nor fall into subnormals.
+    info = torch.finfo(gram_dtype)
+    high = (info.max / max(x.shape[1], x.shape[2])) ** 0.5 / 4
+    low = info.tiny**0.5 * 1e4
+    extreme = (amax > high) | ((amax > 0) & (amax < low))
+    unit = torch.ones(b, dtype=torch.float64, device=x.device)
+    if bool(extreme.any()):
+        unit = torch.where(extreme, amax.to(torch.float64), unit)
+        x = x / unit.to(x.dtype)[:, None, None]
+    return x, unit, valid
+
+
+def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs of a batch of symmetric PSD matrices, descending, in float64.
+
+    Args:
+        gram: ``(B, m, m)`` symmetric matrices.
+        k: number of leading pairs to keep (``1 <= k <= m``).
+
+    Returns:
+        ``(sigma, vectors)``: ``(B, k)`` singular values ``sqrt(max(lambda, 0))`` and ``(B, m, k)`` eigenvectors.
+    """
+    evals, evecs = torch.linalg.eigh(gram.to(torch.float64))
+    evals = evals.flip(-1)[..., :k]
+    evecs = evecs.flip(-1)[..., :k]
+    return evals.clamp_min(0).sqrt(), evecs
+
+
+def decompose(
+    features: Tensor,
+    *,
+    uncentred: bool = True,
+    centred: bool = True,
+    num_components: int | None = None,
+) -> Decomposition:
+    """Exact leading SVD components of the channel unfolding of each feature map, batched.
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps of any floating dtype on any device.
+        uncentred: compute the spectrum of ``X`` (needed by TSM and MTSM).
+        centred: compute the spectrum of ``Xc`` (needed by EigenCAM and Multivec-EigenCAM).
+        num_components: number ``K`` of leading components to return; ``None`` returns all ``min(C, N)``.
+
+    Returns:
+        A :class:`Decomposition` on the features' device. Images whose features are not finite get zero
+        spectra and a ``RuntimeWarning``.
+
+    Raises:
+        ValueError: if ``features`` is not ``(B, C, h, w)`` or ``num_components < 1``.
+    """
+    validate_features(features)
+    if num_components is not None and num_components < 1:
+        raise ValueError(f"num_components must be a positive integer or None, got {num_components}.")
+    bsz, c, h, w = features.shape
+    n = h * w
+    m = min(c, n)
+    k = m if num_components is None else min(num_components, m)
+
+    x, unit, valid = _unfold(features)
+    col_sum = x.sum(dim=1)  # (B, N): channel-sum map, 1^T X
+    want = [flag for flag in (uncentred, centred) if flag]
+    if not want:
+        raise ValueError("decompose needs at least one of uncentred=True or centred=True.")
+
+    if n <= c:
+        # Spatial Gram G = X^T X (N x N); centred Gram Gc = J G J with J = I - 11^T / N.
+        gram = torch.bmm(x.transpose(1, 2), x).to(torch.float64)
+        grams = []
+        if uncentred:
+            grams.append(gram)
+        if centred:
+            row_mean = gram.mean(dim=2, keepdim=True)
+            col_mean = gram.mean(dim=1, keepdim=True)
+            grams.append(gram - row_mean - col_mean + gram.mean(dim=(1, 2), keepdim=True))
+        sigma, vecs = _top_eigh(torch.cat(grams), k)
+        # P_k = u_k^T X = s_k v_k^T: the projections come straight from the right singular vectors.
+        proj = (vecs * sigma[:, None, :]).transpose(1, 2)  # (nB, K, N)
+    else:
+        # Channel Gram G = X X^T (C x C); centred Gram Gc = G - r r^T / N with r = X 1.
+        gram = torch.bmm(x, x.transpose(1, 2)).to(torch.float64)
+        grams = []
+        if uncentred:
+            grams.append(gram)
+        if centred:
+            r = x.sum(dim=2).to(torch.float64)
+            grams.append(gram - r[:, :, None] * r[:, None, :] / n)
+        sigma, vecs = _top_eigh(torch.cat(grams), k)
+        xs = x.to(torch.float64)
+        blocks = []
+        if uncentred:
+            blocks.append(xs)
+        if centred:
+            blocks.append(xs - xs.mean(dim=2, keepdim=True))
+        proj = torch.bmm(vecs.transpose(1, 2), torch.cat(blocks))  # (nB, K, N)
+
+    rescale = torch.cat([unit] * len(want))
+    sigma = sigma * rescale[:, None]
+    proj = (proj * rescale[:, None, None]).reshape(-1, k, h, w)
+    spectra = [Spectrum(s, p) for s, p in zip(sigma.split(bsz), proj.split(bsz), strict=True)]
+    return Decomposition(
+        uncentred=spectra[0] if uncentred else None,
+        centred=spectra[-1] if centred else None,
+        channel_sum=(col_sum.to(torch.float64) * unit[:, None]).reshape(bsz, h, w),
+        valid=valid,
+    )

@@ -1,0 +1,91 @@
+"""Tucker saliency through tensorly: truncated-rank HOOI and the reference for the fast path.
+
+At full rank the Tucker channel factor and the core's mode-0 slice norms are the left singular vectors and
+singular values of the channel unfolding, and :func:`~tsm_lightning.core.saliency_maps` computes TSM and
+MTSM exactly and much faster. With spatial ranks below ``(h, w)`` HOOI couples the modes and has no closed
+form: this module runs tensorly's ``tucker`` on each image (HOOI is defined per tensor), under a scoped
+``tensorly.backend_context("pytorch")`` so that the global tensorly backend is never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorly as tl
+import torch
+from tensorly.decomposition import tucker
+from torch import Tensor
+
+from tsm_lightning.core.postprocess import normalize_maps
+from tsm_lightning.core.spectral import validate_features
+
+__all__ = ["TUCKER_METHODS", "tucker_saliency"]
+
+TUCKER_METHODS: tuple[str, ...] = ("tsm", "mtsm")
+"""Methods :func:`tucker_saliency` computes."""
+
+
+def _resolve_rank(rank: int | Sequence[int] | None, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    if rank is None:
+        return shape
+    ranks = (rank,) * 3 if isinstance(rank, int) else tuple(int(r) for r in rank)
+    if len(ranks) != 3 or any(r < 1 for r in ranks):
+        raise ValueError(f"rank must be None, a positive int or (r_c, r_h, r_w), got {rank!r}.")
+    return tuple(min(r, s) for r, s in zip(ranks, shape, strict=True))  # type: ignore[return-value]
+
+
+def tucker_saliency(
+    features: Tensor,
+    rank: int | Sequence[int] | None = None,
+    methods: str | Sequence[str] = TUCKER_METHODS,
+    *,
+    normalize: bool = False,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+) -> dict[str, Tensor]:
+    """TSM and MTSM from tensorly's Tucker decomposition (HOOI), one image at a time.
+
+    For each image ``F`` (``C x h x w``) with Tucker decomposition ``core x_0 A1 x_1 A2 x_2 A3``:
+
+    * ``TSM = |sum_c F[c] * A1[c, 0]|``
+    * ``MTSM = sum_k ||core[k]||_F * |sum_c F[c] * A1[c, k]| / sum_k ||core[k]||_F``, ``k < r_c``
+
+    This is the paper's computation. It is the slow reference for the fast path and the engine for
+    truncated ranks; prefer :func:`~tsm_lightning.core.saliency_maps` for full-rank maps.
+
+    Args:
+        features: ``(B, C, h, w)`` feature maps, any floating dtype, any device (computed in float64 there).
+        rank: Tucker ranks ``(r_c, r_h, r_w)``; an int is used for every mode; ``None`` is full rank
+            ``(C, h, w)``. Ranks are clipped to the feature shape.
+        methods: ``"tsm"`` and/or ``"mtsm"``.
+        normalize: min-max normalise each map to ``[0, 1]``.
+        n_iter_max: maximum HOOI iterations.
+        tol: HOOI convergence tolerance on the reconstruction error.
+
+    Returns:
+        ``{method: (B, h, w) float32}`` on the features' device.
+    """
+    validate_features(features)
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [name for name in names if name not in TUCKER_METHODS]
+    if unknown or not names:
+        raise ValueError(f"tucker_saliency computes {TUCKER_METHODS}; got {names}.")
+    _bsz, c, h, w = features.shape
+    ranks = _resolve_rank(rank, (c, h, w))
+    x = features.detach().to(torch.float64)
+    out: dict[str, list[Tensor]] = {name: [] for name in names}
+    with tl.backend_context("pytorch"):
+        for image in x:  # HOOI is defined per tensor: this loop is the reference path by design.
+            core, factors = tucker(image, rank=list(ranks), n_iter_max=n_iter_max, tol=tol, init="svd")
+            proj = torch.einsum("chw,ck->khw", image, factors[0])  # (r_c, h, w)
+            if "tsm" in out:
+                out["tsm"].append(proj[0].abs())
+            if "mtsm" in out:
+                weights = torch.linalg.vector_norm(core.reshape(core.shape[0], -1), dim=1)
+                total = weights.sum()
+                summed = (weights[:, None, None] * proj.abs()).sum(dim=0)
+                out["mtsm"].append(summed / total if total > 0 else summed)
+    maps = {name: torch.stack(v).to(torch.float32) for name, v in out.items()}
+    if normalize:
+        maps = {name: normalize_maps(m) for name, m in maps.items()}
+    return maps
