@@ -21,8 +21,19 @@ from tsm_lightning.explain import explain
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning; load it on first use so that the maths stays a light import.
+    if name == "SaliencyMonitor":
+        from tsm_lightning.callbacks import SaliencyMonitor
+
+        return SaliencyMonitor
+    raise AttributeError(f"module 'tsm_lightning' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
+    "SaliencyMonitor",
     "__version__",
     "capture",
     "eigencam",

@@ -1,0 +1,503 @@
+"""SaliencyMonitor: log how a fixed probe batch's saliency evolves while a model trains.
+
+The callback holds Lightning wiring only: probe building lives in :mod:`tsm_lightning.probe`, layer capture in
+:mod:`tsm_lightning.capture`, the maths in :mod:`tsm_lightning.core`, overlays in :mod:`tsm_lightning.render`.
+The implementation is one mixin, :class:`SaliencyMonitorMixin`, combined with ``lightning.pytorch.Callback``
+here and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pytorch_lightning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+
+from tsm_lightning.capture import capture, check_feature_map, find_layer, get_layer
+from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.probe import Probe, ProbeFn, build_probe
+from tsm_lightning.render import COLORMAPS, IMAGENET_MEAN, IMAGENET_STD, denormalize, grid, overlay, save_png
+from tsm_lightning.rng import preserved_rng
+
+__all__ = ["DEFAULT_EVERY_N_STEPS", "SaliencyMonitor", "SaliencyMonitorMixin"]
+
+DEFAULT_EVERY_N_STEPS = 200
+"""Cadence when neither ``every_n_steps`` nor ``every_n_epochs`` is given."""
+
+ForwardFn = Callable[[Any, Tensor], object]
+
+
+class SaliencyMonitorMixin:
+    """Implementation of :class:`SaliencyMonitor`, shared by the ``lightning`` and ``pytorch_lightning`` flavours."""
+
+    def __init__(
+        self,
+        probe: Any = None,
+        *,
+        layer: str | None = None,
+        methods: str | Sequence[str] = METHODS,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        num_images: int = 8,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        forward_fn: ForwardFn | None = None,
+        probe_fn: ProbeFn | None = None,
+        masks: Tensor | None = None,
+        num_components: int | None = None,
+        weighting: str = "singular",
+        log_on_fit_start: bool = True,
+        log_on_fit_end: bool = True,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        """Create the monitor; every argument is validated here or, where it needs the model, at ``setup``.
+
+        Args:
+            probe: the fixed probe: a ``(B, 3, H, W)`` tensor (normalised as the model expects), a ``Dataset``, a
+                ``DataLoader``, a path to an image folder, or ``None`` to take the first ``num_images`` samples of
+                the datamodule's validation data, else of the training data. Nested SSL batches are unwrapped
+                as documented in :mod:`tsm_lightning.probe`.
+            layer: dotted module name relative to the LightningModule, e.g. ``"backbone.7"``; ``None`` picks the
+                last layer with a spatial map (searched in ``pl_module.backbone`` when it exists) and warns once.
+            methods: any of :data:`~tsm_lightning.METHODS`.
+            every_n_steps: run every this many optimizer steps.
+            every_n_epochs: run at the end of every this many epochs. Give at most one of the two; with neither,
+                ``every_n_steps=200``.
+            num_images: probe images logged and analysed.
+            image_size: side of each overlay tile; default the probe's own size.
+            mean: per-channel mean of the input normalisation, undone for display (ImageNet's by default, as
+                lightly uses); ``None`` if the inputs are not normalised.
+            std: per-channel std of the input normalisation, or ``None``.
+            colormap: one of :data:`~tsm_lightning.render.COLORMAPS`.
+            alpha: overlay opacity in ``[0, 1]``.
+            forward_fn: ``forward_fn(pl_module, images)``, running the part of the model that contains ``layer``.
+                By default the top-level child named by the first part of ``layer`` is called
+                (``pl_module.backbone(images)`` for ``"backbone.7"``), or ``pl_module(images)`` for a layer
+                directly under the module. So only the online backbone runs: MoCo's momentum backbone, projection
+                heads and SwAV's prototypes are never called.
+            probe_fn: extracts ``images`` or ``(images, masks)`` from one collated batch of an unusual structure.
+            masks: ``(B, H, W)`` object masks for a tensor probe (for localisation metrics).
+            num_components: components of the multivector methods (``None``: all).
+            weighting: multivector weighting, one of :data:`~tsm_lightning.core.WEIGHTINGS`.
+            log_on_fit_start: log a step-0 baseline when training starts.
+            log_on_fit_end: log once more when training ends.
+            seed: seed for augmentations applied while the probe is drawn from a dataset.
+            strict: raise errors that happen inside the monitor during training instead of warning and going on.
+        """
+        super().__init__()
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                f"Give either every_n_steps ({every_n_steps}) or every_n_epochs ({every_n_epochs}), not both."
+            )
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_steps = DEFAULT_EVERY_N_STEPS
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
+            raise ValueError(f"image_size must be an integer >= 8 or None, got {image_size!r}.")
+        if colormap not in COLORMAPS:
+            raise ValueError(f"Unknown colormap {colormap!r}; valid colormaps are {tuple(COLORMAPS)}.")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"Unknown weighting {weighting!r}; valid weightings are {WEIGHTINGS}.")
+        for name, stats in (("mean", mean), ("std", std)):
+            if stats is not None and len(stats) != 3:
+                raise ValueError(f"{name} must have 3 values (one per RGB channel) or be None, got {stats!r}.")
+        if (
+            probe is not None
+            and not isinstance(probe, (Tensor, str, Path, torch.utils.data.Dataset))
+            and not (isinstance(probe, torch.utils.data.DataLoader))
+        ):
+            raise TypeError(
+                "probe must be a (B, 3, H, W) tensor, a Dataset, a DataLoader, a path to an image folder or None, "
+                f"got {type(probe).__name__}."
+            )
+        self.probe_source = probe
+        self.layer = layer
+        self.methods = validate_methods(methods)
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.image_size = image_size
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.colormap = colormap
+        self.alpha = alpha
+        self.forward_fn = forward_fn
+        self.probe_fn = probe_fn
+        self.masks = masks
+        self.num_components = num_components
+        self.weighting = weighting
+        self.log_on_fit_start = log_on_fit_start
+        self.log_on_fit_end = log_on_fit_end
+        self.seed = seed
+        self.strict = strict
+
+        self.probe: Probe | None = None
+        self.last_logged_step: int | None = None
+        self.logged_steps: list[int] = []
+        self.first_maps: dict[str, Tensor] | None = None
+        self.previous_maps: dict[str, Tensor] | None = None
+        self._resolved_layer: str | None = layer
+        self._told_samples_per_plugin = False
+
+    # ------------------------------------------------------------------------------------------------ identity
+    @property
+    def state_key(self) -> str:
+        """Unique per layer and methods, so that several monitors can share a checkpoint."""
+        return self._generate_state_key(layer=self.layer, methods=self.methods)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check the layer and a tensor probe before training starts."""
+        if stage != "fit":
+            return
+        if self.layer is not None:
+            get_layer(pl_module, self.layer)
+        if isinstance(self.probe_source, Tensor) and self.probe is None:
+            self.probe = build_probe(self.probe_source, self.num_images, masks=self.masks)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Resolve the probe and the layer (errors surface here, before the first step), log the baseline."""
+        if not trainer.is_global_zero:
+            return
+        if self.probe is None:
+            self.probe = self._resolve_probe(trainer)
+        self._check_probe_device(pl_module)
+        if self._resolved_layer is None:
+            self._resolved_layer = self._discover_layer(pl_module)
+        self._tell_samples_per_plugin(trainer)
+        if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
+            self._run_guarded(trainer, pl_module)
+
+    def _resolve_probe(self, trainer: Any) -> Probe:
+        source = self.probe_source
+        if source is None:
+            source = self._default_probe_source(trainer)
+        return build_probe(
+            source,
+            self.num_images,
+            probe_fn=self.probe_fn,
+            masks=self.masks,
+            image_size=self.image_size,
+            seed=self.seed,
+        )
+
+    @staticmethod
+    def _default_probe_source(trainer: Any) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
+            with contextlib.suppress(NotImplementedError, AttributeError, TypeError):
+                loader = datamodule.val_dataloader()
+                if loader is not None and not isinstance(loader, (list, tuple, dict)):
+                    return loader
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple)) and loader:
+            loader = loader[0]
+        if isinstance(loader, dict) and loader:
+            loader = next(iter(loader.values()))
+        if loader is None:
+            raise ValueError(
+                "SaliencyMonitor(probe=None) found no validation or training dataloader to draw the probe from; "
+                "pass probe= (a tensor, Dataset, DataLoader or image folder)."
+            )
+        return loader
+
+    def _check_probe_device(self, pl_module: Any) -> None:
+        assert self.probe is not None
+        source = self.probe_source
+        if isinstance(source, Tensor) and source.device.type != "cpu" and source.device != pl_module.device:
+            raise ValueError(
+                f"The probe is on {source.device} but the model is on {pl_module.device}. Pass the probe on the "
+                "CPU (it is moved to the model's device once) or on the model's device."
+            )
+        self.probe = self.probe.to(pl_module.device)
+
+    def _default_target(self, pl_module: Any, layer: str) -> nn.Module:
+        head = layer.split(".", 1)[0]
+        if "." not in layer or not isinstance(getattr(pl_module, head, None), nn.Module):
+            return pl_module
+        return getattr(pl_module, head)
+
+    def _forward(self, pl_module: Any, images: Tensor) -> object:
+        if self.forward_fn is not None:
+            return self.forward_fn(pl_module, images)
+        assert self._resolved_layer is not None
+        return self._default_target(pl_module, self._resolved_layer)(images)
+
+    def _discover_layer(self, pl_module: Any) -> str:
+        assert self.probe is not None
+        backbone = getattr(pl_module, "backbone", None)
+        images = self._model_input(pl_module)
+        try:
+            if self.forward_fn is None and isinstance(backbone, nn.Module):
+                name = "backbone." + find_layer(backbone, images, warn=False)
+            else:
+                forward = self.forward_fn or (lambda module, x: module(x))
+                name = find_layer(pl_module, images, lambda _m, x: forward(pl_module, x), warn=False)
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
+                "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
+            ) from err
+        warnings.warn(
+            f"SaliencyMonitor: no layer given, monitoring {name!r} (the last layer with a spatial feature map). "
+            "Pass layer= to choose another.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return name
+
+    def _tell_samples_per_plugin(self, trainer: Any) -> None:
+        if self._told_samples_per_plugin or not any(_is_tensorboard(lg) for lg in trainer.loggers):
+            return
+        self._told_samples_per_plugin = True
+        _info(
+            "SaliencyMonitor logs images under 'saliency/<method>'. TensorBoard keeps only 10 images per tag by "
+            "default: start it with `tensorboard --logdir <dir> --samples_per_plugin images=1000` to see every step."
+        )
+
+    # ------------------------------------------------------------------------------------------------ cadence
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Run every ``every_n_steps`` optimizer steps."""
+        if self.every_n_steps is None or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self.last_logged_step:
+            self._run_guarded(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Run at the end of every ``every_n_epochs`` epochs."""
+        if self.every_n_epochs is None or not trainer.is_global_zero:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self.last_logged_step:
+            self._run_guarded(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Log the final state once, unless this step was just logged."""
+        if self.log_on_fit_end and trainer.is_global_zero and trainer.global_step != self.last_logged_step:
+            self._run_guarded(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------------ one run
+    def _run_guarded(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            self.run(trainer, pl_module)
+        except Exception as err:
+            if self.strict:
+                raise
+            warnings.warn(
+                f"SaliencyMonitor skipped step {trainer.global_step}: {type(err).__name__}: {err}. Training "
+                "continues; pass strict=True to stop on such errors.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _model_input(self, pl_module: Any) -> Tensor:
+        assert self.probe is not None
+        images = self.probe.images
+        param = next(pl_module.parameters(), None)
+        if param is not None and param.is_floating_point() and param.dtype != images.dtype:
+            images = images.to(param.dtype)  # e.g. precision="bf16-true"
+        return images
+
+    def compute(self, pl_module: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
+
+        Returns:
+            ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``.
+        """
+        assert self.probe is not None and self._resolved_layer is not None
+        images = self._model_input(pl_module)
+        with (
+            preserved_rng(),
+            _autocast_off(images.device),
+            capture(pl_module, self._resolved_layer) as cap,
+        ):
+            self._forward(pl_module, images)
+        features = check_feature_map(cap.features, self._resolved_layer).float()
+        if not bool(torch.isfinite(features).all()):
+            raise FloatingPointError(f"the features of layer {self._resolved_layer!r} contain NaN or Inf")
+        maps = saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
+        return features, maps
+
+    def run(self, trainer: Any, pl_module: Any) -> None:
+        """Compute and log the maps for the current step (rank zero only)."""
+        step = trainer.global_step
+        _features, maps = self.compute(pl_module)
+        images = self._display_images()
+        size = (images.shape[-2], images.shape[-1])
+        overlays = {
+            name: overlay(images, upsample_maps(m, size), self.colormap, self.alpha) for name, m in maps.items()
+        }
+        pictures = {f"saliency/{name}": grid([_to_uint8(images), tiles]) for name, tiles in overlays.items()}
+        pictures["saliency/all"] = _comparison_grid(images, overlays)
+        scalars = self._scalars(maps)
+        self._log(trainer, pictures, scalars, step)
+        self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
+        if self.first_maps is None:
+            self.first_maps = self.previous_maps
+        self.last_logged_step = step
+        self.logged_steps.append(step)
+
+    def _display_images(self) -> Tensor:
+        assert self.probe is not None
+        images = denormalize(self.probe.images, self.mean, self.std)
+        if self.image_size is not None and images.shape[-1] != self.image_size:
+            images = torch.nn.functional.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            ).clamp(0, 1)
+        return images
+
+    def _scalars(self, maps: dict[str, Tensor]) -> dict[str, float]:
+        """Cheap per-method numbers: drift against the previous and the first logged maps."""
+        out: dict[str, float] = {}
+        for name, m in maps.items():
+            current = m.detach().cpu()
+            if self.previous_maps is not None and name in self.previous_maps:
+                out[f"saliency/{name}/stability_previous"] = _mean_pearson(current, self.previous_maps[name])
+            if self.first_maps is not None and name in self.first_maps:
+                out[f"saliency/{name}/stability_first"] = _mean_pearson(current, self.first_maps[name])
+        return out
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def _log(self, trainer: Any, pictures: dict[str, Tensor], scalars: dict[str, float], step: int) -> None:
+        loggers = list(trainer.loggers)
+        if not loggers:
+            root = Path(trainer.default_root_dir) / "saliency"
+            if not self.logged_steps:
+                _info(f"SaliencyMonitor: no logger configured, writing PNG overlays under {root}.")
+            _write_pngs(root, pictures, step)
+            return
+        for logger in loggers:
+            if _is_tensorboard(logger):
+                writer = logger.experiment
+                for tag, picture in pictures.items():
+                    writer.add_image(tag, picture, global_step=step, dataformats="CHW")
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, global_step=step)
+                writer.flush()
+                continue
+            if hasattr(logger, "log_image"):
+                for tag, picture in pictures.items():
+                    logger.log_image(key=tag, images=[picture.permute(1, 2, 0).cpu().numpy()], step=step)
+            else:
+                root = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
+                _write_pngs(root / "saliency", pictures, step)
+            if scalars:
+                logger.log_metrics(scalars, step=step)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the probe itself, the layer, the logged steps and the drift baselines."""
+        probe = self.probe
+        return {
+            "probe_images": probe.images.detach().cpu() if probe is not None else None,
+            "probe_masks": probe.masks.detach().cpu() if probe is not None and probe.masks is not None else None,
+            "layer": self._resolved_layer,
+            "last_logged_step": self.last_logged_step,
+            "logged_steps": list(self.logged_steps),
+            "first_maps": self.first_maps,
+            "previous_maps": self.previous_maps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the probe, layer, step bookkeeping and drift baselines saved by :meth:`state_dict`."""
+        if state_dict.get("probe_images") is not None:
+            self.probe = Probe(state_dict["probe_images"], state_dict.get("probe_masks"))
+        self._resolved_layer = state_dict.get("layer") or self._resolved_layer
+        self.last_logged_step = state_dict.get("last_logged_step")
+        self.logged_steps = list(state_dict.get("logged_steps", []))
+        self.first_maps = state_dict.get("first_maps")
+        self.previous_maps = state_dict.get("previous_maps")
+
+
+class SaliencyMonitor(SaliencyMonitorMixin, Callback):
+    """Lightning callback that logs label-free saliency maps of a fixed probe batch while a model trains.
+
+    Every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs), plus once when training starts and
+    once when it ends, the monitor runs the probe through the model in eval mode under ``torch.no_grad()`` and
+    outside autocast, captures ``layer``, computes the requested maps (EigenCAM, TSM, Multivec-EigenCAM, MTSM)
+    and logs, with ``global_step = trainer.global_step``:
+
+    * images ``saliency/<method>`` (top row: probe images, bottom row: overlays) and ``saliency/all`` (one row
+      per probe image: input, then one overlay per method);
+    * scalars ``saliency/<method>/<metric>``.
+
+    TensorBoard loggers get ``add_image``/``add_scalar``; loggers with a ``log_image`` method (W&B, ...) get that;
+    others get PNG files under their ``log_dir``; with ``logger=False`` PNGs go under
+    ``trainer.default_root_dir/saliency``.
+
+    It has no side effects on training: it runs on global rank zero only and calls the unwrapped LightningModule
+    (no DDP collective; SyncBatchNorm in eval mode does not communicate); every sub-module's train/eval flag is
+    restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
+    the global RNG streams are left as they were. Errors inside the monitor become a warning (or are raised with
+    ``strict=True``).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from tsm_lightning import SaliencyMonitor
+        >>> monitor = SaliencyMonitor(layer="backbone.7", every_n_steps=100)
+        >>> trainer = Trainer(callbacks=[monitor], max_steps=10, logger=False)  # doctest: +SKIP
+    """
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _info(message: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(message)
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    experiment = getattr(logger, "experiment", None) if type(logger).__name__.startswith("TensorBoard") else None
+    return experiment is not None and hasattr(experiment, "add_image")
+
+
+@contextlib.contextmanager
+def _autocast_off(device: torch.device) -> Any:
+    if device.type in ("cpu", "cuda", "mps", "xpu"):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def _to_uint8(images: Tensor) -> Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _comparison_grid(images: Tensor, overlays: dict[str, Tensor]) -> Tensor:
+    # Columns: input, then each method; one row per probe image.
+    columns = [_to_uint8(images), *overlays.values()]
+    rows = [torch.stack([col[i] for col in columns]) for i in range(images.shape[0])]
+    return grid(rows)
+
+
+def _mean_pearson(a: Tensor, b: Tensor) -> float:
+    x = a.reshape(a.shape[0], -1).double()
+    y = b.reshape(b.shape[0], -1).double()
+    x = x - x.mean(dim=1, keepdim=True)
+    y = y - y.mean(dim=1, keepdim=True)
+    den = x.norm(dim=1) * y.norm(dim=1)
+    corr = torch.where(den > 0, (x * y).sum(dim=1) / den.clamp_min(1e-300), torch.zeros_like(den))
+    value = float(corr.mean())
+    return value if math.isfinite(value) else 0.0
+
+
+def _write_pngs(root: Path, pictures: dict[str, Tensor], step: int) -> None:
+    for tag, picture in pictures.items():
+        save_png(picture, root / f"{tag.replace('/', '_')}_step{step:07d}.png")

@@ -1,0 +1,173 @@
+"""Colormaps, overlays and grids as uint8 tensors: no GUI, no matplotlib.
+
+Everything here works on batches: images ``(B, 3, H, W)``, maps ``(B, H, W)`` in ``[0, 1]``, and returns
+``uint8`` tensors ``(B, 3, H, W)`` (or ``(3, H, W)`` for a grid), ready for TensorBoard's ``add_image`` or
+:func:`save_png`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COLORMAPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "apply_colormap",
+    "denormalize",
+    "grid",
+    "overlay",
+    "save_png",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Control points (value 0 .. 1, evenly spaced) of each colormap, RGB in [0, 1], linearly interpolated.
+COLORMAPS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "jet": ((0.0, 0.0, 0.5), (0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.5, 0.0, 0.0)),
+    "viridis": (
+        (0.267, 0.005, 0.329),
+        (0.283, 0.141, 0.458),
+        (0.254, 0.265, 0.530),
+        (0.207, 0.372, 0.553),
+        (0.164, 0.471, 0.558),
+        (0.128, 0.567, 0.551),
+        (0.135, 0.659, 0.518),
+        (0.267, 0.749, 0.441),
+        (0.478, 0.821, 0.318),
+        (0.741, 0.873, 0.150),
+        (0.993, 0.906, 0.144),
+    ),
+    "inferno": (
+        (0.001, 0.000, 0.014),
+        (0.087, 0.045, 0.225),
+        (0.258, 0.039, 0.406),
+        (0.416, 0.090, 0.433),
+        (0.578, 0.148, 0.404),
+        (0.735, 0.216, 0.330),
+        (0.865, 0.317, 0.226),
+        (0.955, 0.469, 0.099),
+        (0.988, 0.645, 0.040),
+        (0.964, 0.843, 0.273),
+        (0.988, 0.998, 0.645),
+    ),
+    "gray": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+def _check_colormap(name: str) -> None:
+    if name not in COLORMAPS:
+        raise ValueError(f"Unknown colormap {name!r}; valid colormaps are {tuple(COLORMAPS)}.")
+
+
+def apply_colormap(maps: Tensor, colormap: str = "jet") -> Tensor:
+    """Colour ``(B, H, W)`` maps in ``[0, 1]`` (values outside are clipped).
+
+    Returns:
+        ``(B, 3, H, W)`` float32 RGB in ``[0, 1]``.
+    """
+    _check_colormap(colormap)
+    table = torch.tensor(COLORMAPS[colormap], dtype=torch.float32, device=maps.device)  # (K, 3)
+    pos = maps.to(torch.float32).nan_to_num(0.0).clamp(0, 1) * (table.shape[0] - 1)
+    lo = pos.floor().long().clamp(max=table.shape[0] - 2)
+    frac = (pos - lo)[..., None]
+    rgb = table[lo] * (1 - frac) + table[lo + 1] * frac  # (B, H, W, 3)
+    return rgb.permute(0, 3, 1, 2)
+
+
+def denormalize(
+    images: Tensor,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+) -> Tensor:
+    """Undo ``(x - mean) / std`` input normalisation and clip to ``[0, 1]``.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        mean: per-channel mean used for normalisation, or ``None`` if the images are not normalised.
+        std: per-channel std, or ``None``.
+
+    Returns:
+        ``(B, 3, H, W)`` float32 in ``[0, 1]``.
+    """
+    x = images.detach().to(torch.float32)
+    if std is not None:
+        x = x * torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    if mean is not None:
+        x = x + torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    return x.clamp(0, 1)
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def overlay(images: Tensor, maps: Tensor, colormap: str = "jet", alpha: float = 0.5) -> Tensor:
+    """Blend coloured maps over images: ``(1 - alpha) * image + alpha * colormap(map)``.
+
+    Args:
+        images: ``(B, 3, H, W)`` float in ``[0, 1]`` (see :func:`denormalize`).
+        maps: ``(B, H, W)`` in ``[0, 1]``, same ``H, W`` as ``images``.
+        colormap: a key of :data:`COLORMAPS`.
+        alpha: weight of the map, in ``[0, 1]``.
+
+    Returns:
+        ``(B, 3, H, W)`` uint8.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if images.shape[-2:] != maps.shape[-2:] or images.shape[0] != maps.shape[0]:
+        raise ValueError(f"images {tuple(images.shape)} and maps {tuple(maps.shape)} must match in B, H and W.")
+    blended = (1 - alpha) * images.to(torch.float32) + alpha * apply_colormap(maps, colormap)
+    return _to_uint8(blended)
+
+
+def grid(rows: Sequence[Tensor], padding: int = 2, pad_value: int = 255) -> Tensor:
+    """Tile images into one picture: ``rows[i][j]`` is the image at row ``i``, column ``j``.
+
+    Args:
+        rows: a sequence of ``(n, 3, H, W)`` uint8 (or float in ``[0, 1]``) batches, all the same shape.
+        padding: pixels between tiles and around the border.
+        pad_value: value of the padding (uint8).
+
+    Returns:
+        ``(3, rows * (H + p) + p, n * (W + p) + p)`` uint8.
+    """
+    if not rows:
+        raise ValueError("grid needs at least one row.")
+    tiles = [r if r.dtype == torch.uint8 else _to_uint8(r) for r in rows]
+    shape = tiles[0].shape
+    if any(t.shape != shape for t in tiles) or len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"every row must be (n, 3, H, W) of one shape, got {[tuple(t.shape) for t in tiles]}.")
+    n, _, h, w = shape
+    out = torch.full(
+        (3, len(tiles) * (h + padding) + padding, n * (w + padding) + padding),
+        pad_value,
+        dtype=torch.uint8,
+        device=tiles[0].device,
+    )
+    for i, row in enumerate(tiles):
+        top = padding + i * (h + padding)
+        for j in range(n):
+            left = padding + j * (w + padding)
+            out[:, top : top + h, left : left + w] = row[j]
+    return out
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Write a ``(3, H, W)`` uint8 (or float in ``[0, 1]``) image as PNG; parent folders are created."""
+    from PIL import Image
+
+    if image.dtype != torch.uint8:
+        image = _to_uint8(image)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"save_png needs a (3, H, W) image, got {tuple(image.shape)}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    return path
