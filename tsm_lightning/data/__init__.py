@@ -1,0 +1,33 @@
+"""Built-in datasets: procedurally generated shapes with exact object masks, and plain image folders.
+
+* :class:`SyntheticShapes` -- one to three objects on textured backgrounds, deterministic per ``(seed, index)``,
+  returning ``(image_or_views, mask)``; plugs into lightly's multi-view transforms.
+* :class:`ImageFolder` -- a flat or nested folder of real photos, returning ``(image_or_views, index)``.
+* :func:`find_image_files`, :func:`load_images` -- file, folder and glob handling shared with the CLI.
+"""
+
+from tsm_lightning.data.folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolder,
+    find_image_files,
+    load_image,
+    load_images,
+    open_rgb,
+    resize_center_crop,
+)
+from tsm_lightning.data.synthetic import HELDOUT_SEED_OFFSET, SHAPES, SyntheticObject, SyntheticShapes, sample_seed
+
+__all__ = [
+    "HELDOUT_SEED_OFFSET",
+    "IMAGE_EXTENSIONS",
+    "SHAPES",
+    "ImageFolder",
+    "SyntheticObject",
+    "SyntheticShapes",
+    "find_image_files",
+    "load_image",
+    "load_images",
+    "open_rgb",
+    "resize_center_crop",
+    "sample_seed",
+]
