@@ -1,0 +1,57 @@
+"""Barlow Twins with a ResNet18 backbone, trained with SaliencyMonitor.
+
+    python examples/barlow_twins.py --data synthetic --max-steps 200 --image-size 64 --output runs
+
+Barlow Twins drives the cross-correlation of two views' embeddings to the identity: no negatives, no momentum
+encoder. lightly's ``BYOLTransform`` gives the two asymmetric views the paper uses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightly.loss import BarlowTwinsLoss
+from lightly.models.modules import BarlowTwinsProjectionHead
+from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+from lightning.pytorch import LightningModule
+
+from common import parse_args, resnet18_backbone, run
+
+
+class BarlowTwins(LightningModule):
+    """Barlow Twins: redundancy reduction between the embeddings of two views."""
+
+    def __init__(self, stem: str = "imagenet", lr: float = 0.001) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = resnet18_backbone(stem)
+        self.projection_head = BarlowTwinsProjectionHead(512, 1024, 1024)
+        self.criterion = BarlowTwinsLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def training_step(self, batch, batch_idx):
+        (x0, x1), _ = batch
+        loss = self.criterion(self(x0), self(x1))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, lr=0.001)
+    model = BarlowTwins(stem=args.stem, lr=args.lr)
+    size = args.image_size
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0),
+    )
+    run(model, transform, args, name="barlow_twins")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,61 @@
+"""SwAV with multi-crop and a ResNet18 backbone, trained with SaliencyMonitor.
+
+    python examples/swav.py --data synthetic --max-steps 200 --image-size 64 --output runs
+
+Two global crops at ``--image-size`` and four local crops at half that size. The monitor captures the online
+``backbone`` on the probe images only: the projection head and the prototypes never run for saliency, and the
+prototypes' normalisation and freezing schedule are not affected.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightly.loss import SwaVLoss
+from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+from lightly.transforms import SwaVTransform
+from lightning.pytorch import LightningModule
+
+from common import parse_args, resnet18_backbone, run
+
+
+class SwaV(LightningModule):
+    """SwAV: swapped prediction of Sinkhorn cluster assignments between crops."""
+
+    def __init__(self, stem: str = "imagenet", lr: float = 0.001, n_prototypes: int = 64) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = resnet18_backbone(stem)
+        self.projection_head = SwaVProjectionHead(512, 512, 128)
+        self.prototypes = SwaVPrototypes(128, n_prototypes=n_prototypes, n_steps_frozen_prototypes=1)
+        self.criterion = SwaVLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x).flatten(start_dim=1)
+        return torch.nn.functional.normalize(self.projection_head(features), dim=1, p=2)
+
+    def training_step(self, batch, batch_idx):
+        self.prototypes.normalize()
+        views, _ = batch
+        crops = [self.prototypes(self(view), step=self.current_epoch) for view in views]
+        loss = self.criterion(high_resolution_outputs=crops[:2], low_resolution_outputs=crops[2:])
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, lr=0.001)
+    model = SwaV(stem=args.stem, lr=args.lr)
+    size = args.image_size
+    transform = SwaVTransform(
+        crop_sizes=(size, size // 2), crop_counts=(2, 4), crop_min_scales=(0.3, 0.1), gaussian_blur=0.0
+    )
+    run(model, transform, args, name="swav")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,54 @@
+"""VICReg with a ResNet18 backbone, trained with SaliencyMonitor.
+
+    python examples/vicreg.py --data synthetic --max-steps 200 --image-size 64 --output runs
+
+VICReg keeps the two views' embeddings invariant while holding each dimension's variance up and decorrelating
+dimensions: no negatives, no momentum encoder.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightly.loss import VICRegLoss
+from lightly.models.modules import BarlowTwinsProjectionHead
+from lightly.transforms import VICRegTransform
+from lightning.pytorch import LightningModule
+
+from common import parse_args, resnet18_backbone, run
+
+
+class VICReg(LightningModule):
+    """VICReg: variance-invariance-covariance regularisation of two views' embeddings."""
+
+    def __init__(self, stem: str = "imagenet", lr: float = 0.001) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = resnet18_backbone(stem)
+        # lightly's VICReg example uses the Barlow Twins head (Linear-BN-ReLU expander).
+        self.projection_head = BarlowTwinsProjectionHead(512, 1024, 1024)
+        self.criterion = VICRegLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def training_step(self, batch, batch_idx):
+        (x0, x1), _ = batch
+        loss = self.criterion(self(x0), self(x1))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, lr=0.001)
+    model = VICReg(stem=args.stem, lr=args.lr)
+    transform = VICRegTransform(input_size=args.image_size, gaussian_blur=0.0, solarize_prob=0.0)
+    run(model, transform, args, name="vicreg")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,62 @@
+"""Every SSL example trains for two steps on tiny images, so that none of them rots."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+TINY = ["--max-steps", "2", "--image-size", "32", "--batch-size", "4", "--num-samples", "8", "--probe-size", "2"]
+TINY += ["--every-n-steps", "1", "--accelerator", "cpu"]
+
+
+def _images(log_dir: Path) -> dict[str, list[int]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+@pytest.mark.parametrize("name", ["moco_v2", "swav", "barlow_twins", "vicreg"])
+def test_example_trains_and_logs(name, tmp_path, capsys):
+    module = importlib.import_module(name)
+    module.main([*TINY, "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    log_dir = tmp_path / name / "version_0"
+    assert f"--logdir {tmp_path}" in out
+    assert (log_dir / "checkpoints" / "last.ckpt").exists()
+    images = _images(log_dir)
+    assert images["saliency/tsm"] == [0, 1, 2]
+    assert images["saliency/all"] == [0, 1, 2]
+
+
+def test_default_layer_gives_at_least_7x7_maps():
+    from common import default_layer, resnet18_backbone
+
+    for stem, size in [("imagenet", 64), ("imagenet", 224), ("cifar", 64), ("cifar", 32)]:
+        layer = default_layer(stem, size)
+        backbone = resnet18_backbone(stem).eval()
+        x = torch.randn(1, 3, size, size)
+        index = int(layer.split(".")[1])
+        with torch.no_grad():
+            out = backbone[: index + 1](x)
+        assert out.shape[-1] >= 7, (stem, size, layer)
+    assert default_layer("imagenet", 224) == "backbone.7"
+    assert default_layer("cifar", 64) == "backbone.7"
+
+
+def test_example_on_an_image_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    module = importlib.import_module("vicreg")
+    module.main([*TINY, "--data", str(folder), "--output", str(tmp_path / "out")])
+    assert _images(tmp_path / "out" / "vicreg" / "version_0")["saliency/mtsm"] == [0, 1, 2]
