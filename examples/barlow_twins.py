@@ -14,7 +14,7 @@ import torch
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, seed_everything
 
 from common import parse_args, resnet18_backbone, run
 
@@ -44,6 +44,7 @@ class BarlowTwins(LightningModule):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
+    seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = BarlowTwins(stem=args.stem, lr=args.lr)
     size = args.image_size
     transform = BYOLTransform(

@@ -18,7 +18,7 @@ from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import MoCoV2Transform
 from lightly.utils.scheduler import cosine_schedule
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, seed_everything
 
 from common import parse_args, resnet18_backbone, run
 
@@ -61,6 +61,7 @@ class MoCoV2(LightningModule):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv)
+    seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = MoCoV2(stem=args.stem, lr=args.lr)
     transform = MoCoV2Transform(input_size=args.image_size, gaussian_blur=0.0)
     run(model, transform, args, name="moco_v2")

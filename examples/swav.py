@@ -15,7 +15,7 @@ import torch
 from lightly.loss import SwaVLoss
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms import SwaVTransform
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, seed_everything
 
 from common import parse_args, resnet18_backbone, run
 
@@ -49,6 +49,7 @@ class SwaV(LightningModule):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
+    seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = SwaV(stem=args.stem, lr=args.lr)
     size = args.image_size
     transform = SwaVTransform(

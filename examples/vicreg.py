@@ -14,7 +14,7 @@ import torch
 from lightly.loss import VICRegLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import VICRegTransform
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, seed_everything
 
 from common import parse_args, resnet18_backbone, run
 
@@ -45,6 +45,7 @@ class VICReg(LightningModule):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
+    seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = VICReg(stem=args.stem, lr=args.lr)
     transform = VICRegTransform(input_size=args.image_size, gaussian_blur=0.0, solarize_prob=0.0)
     run(model, transform, args, name="vicreg")
