@@ -1,0 +1,92 @@
+"""The slow per-image paths the fast batched maps are compared with, written as the original codes do them.
+
+* :func:`paper_tsm_mtsm`: the paper's path. For each image, a numpy array and a full-rank
+  ``tensorly.decomposition.tucker(act, rank=act.shape)`` with the numpy backend (scoped), then
+  ``TSM = |sum_c F[c] * A1[c, 0]|`` and ``MTSM = sum_k ||core[k]||_F |sum_c F[c] * A1[c, k]| / sum_k ||core[k]||_F``.
+* :func:`gradcam_eigencam`: pytorch-grad-cam's ``get_2d_projection`` (full-matrices numpy SVD of the centred
+  ``(N, C)`` matrix per image) followed by its ReLU and min-max scaling; the sign is not fixed.
+* :func:`numpy_multivec_eigencam`: Multivec-EigenCAM with a numpy SVD per image (accuracy reference only).
+
+Nothing here imports :mod:`tsm_lightning`; the maps are returned as numpy arrays, min-max normalised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import tensorly as tl
+from tensorly.decomposition import tucker
+
+__all__ = ["gradcam_eigencam", "minmax", "numpy_multivec_eigencam", "paper_tsm_mtsm"]
+
+
+def minmax(a: np.ndarray) -> np.ndarray:
+    """Min-max normalise one map to ``[0, 1]`` (all zeros for a constant map)."""
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def paper_tsm_mtsm(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TSM and MTSM of each ``(C, h, w)`` image of ``acts`` through a full-rank tensorly Tucker (numpy backend).
+
+    Args:
+        acts: ``(B, C, h, w)`` activations (float32 as captured, or float64).
+
+    Returns:
+        ``(tsm, mtsm)``, each ``(B, h, w)`` min-max normalised.
+    """
+    tsm_maps, mtsm_maps = [], []
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # tensorly notes that rank C exceeds min(C, h*w) for the mode-0 SVD; that is what rank=act.shape does.
+        warnings.filterwarnings("ignore", message="Trying to compute SVD", category=UserWarning)
+        for act in acts:
+            core, factors = tucker(act, rank=list(act.shape))
+            a1 = factors[0]
+            proj = np.abs(np.einsum("chw,ck->khw", act, a1))
+            norms = np.sqrt((core.reshape(core.shape[0], -1) ** 2).sum(axis=1))
+            tsm_maps.append(minmax(proj[0]))
+            mtsm_maps.append(minmax((norms[:, None, None] * proj).sum(axis=0) / norms.sum()))
+    return np.stack(tsm_maps), np.stack(mtsm_maps)
+
+
+def get_2d_projection(activation_batch: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's ``get_2d_projection``: first principal component of each image's centred pixels."""
+    activation_batch = activation_batch.copy()  # grad-cam zeroes NaNs in place in its own batch
+    activation_batch[np.isnan(activation_batch)] = 0
+    projections = []
+    for activations in activation_batch:
+        reshaped = activations.reshape(activations.shape[0], -1).transpose()
+        reshaped = reshaped - reshaped.mean(axis=0)
+        _u, _s, vt = np.linalg.svd(reshaped, full_matrices=True)
+        projection = reshaped @ vt[0, :]
+        projections.append(projection.reshape(activations.shape[1:]))
+    return np.asarray(projections, dtype=activation_batch.dtype)
+
+
+def gradcam_eigencam(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pytorch-grad-cam's EigenCAM maps: projection, ReLU, min-max per image (sign arbitrary).
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+
+    Returns:
+        ``(maps, projections)``: ``(B, h, w)`` maps in ``[0, 1]`` and the signed projections before the ReLU
+        (for comparisons up to sign).
+    """
+    projections = get_2d_projection(acts)
+    cams = np.maximum(projections, 0)
+    return np.stack([minmax(cam) for cam in cams]), projections
+
+
+def numpy_multivec_eigencam(acts: np.ndarray) -> np.ndarray:
+    """``sum_k s_k |Xc^T v_k| / sum_k s_k`` per image with a numpy SVD, min-max normalised."""
+    out = []
+    for act in acts:
+        c, h, w = act.shape
+        m = act.reshape(c, -1).transpose()
+        m = m - m.mean(axis=0)
+        _u, s, vt = np.linalg.svd(m, full_matrices=False)
+        proj = np.abs(m @ vt.T)
+        out.append(minmax((proj * s).sum(axis=1) / s.sum()).reshape(h, w))
+    return np.stack(out)
