@@ -67,6 +67,7 @@ __all__ = [
     "gini",
     "insertion_auc",
     "insertion_curve",
+    "localization_metrics",
     "map_entropy",
     "map_metrics",
     "mask_iou",
@@ -1327,6 +1328,24 @@ def _stability(
     out[key] = pearson(current, other[name].to(current.device))
 
 
+def localization_metrics(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> dict[str, Tensor]:
+    """``pointing_game``, ``energy_in_mask`` and ``mask_iou`` of ``maps`` against ``masks``, per image.
+
+    Args:
+        maps: ``(B, H, W)`` maps.
+        masks: ``(B, H', W')`` masks, resized to ``(H, W)`` by nearest neighbour if needed.
+        threshold: IoU threshold, see :func:`mask_iou`.
+
+    Returns:
+        ``{metric: (B,) float32}``, NaN for empty masks.
+    """
+    return {
+        "pointing_game": pointing_game(maps, masks),
+        "energy_in_mask": energy_in_mask(maps, masks),
+        "mask_iou": mask_iou(maps, masks, threshold),
+    }
+
+
 def map_metrics(
     maps: Mapping[str, Tensor],
     *,
@@ -1363,9 +1382,7 @@ def map_metrics(
     for name, m in maps.items():
         out: dict[str, Tensor] = {"entropy": map_entropy(m), "gini": gini(m)}
         if masks is not None:
-            out["pointing_game"] = pointing_game(m, masks)
-            out["energy_in_mask"] = energy_in_mask(m, masks)
-            out["mask_iou"] = mask_iou(m, masks, threshold)
+            out.update(localization_metrics(m, masks, threshold))
         _stability(name, m, previous, "stability_prev", out)
         _stability(name, m, first, "stability_first", out)
         results[name] = out

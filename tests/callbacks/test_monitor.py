@@ -50,7 +50,9 @@ def test_logs_images_and_scalars_to_tensorboard(tmp_path):
     compare = Image.open(io.BytesIO(acc.Images("saliency/all")[0].encoded_image_string))
     assert compare.size == (5 * 34 + 2, 4 * 34 + 2)
     scalars = acc.Tags()["scalars"]
-    assert "saliency/tsm/stability_previous" in scalars and "saliency/mtsm/stability_first" in scalars
+    for tag in ("tsm/stability_prev", "mtsm/stability_first", "tsm/entropy", "eigencam/agreement_tsm"):
+        assert f"saliency/{tag}" in scalars, tag
+    assert "saliency/features/spectral_concentration" in scalars
     assert [e.step for e in acc.Scalars("saliency/tsm/stability_first")] == [2, 4, 6]
     assert monitor.logged_steps == [0, 2, 4, 6]
     assert trainer.global_step == 6
@@ -58,7 +60,7 @@ def test_logs_images_and_scalars_to_tensorboard(tmp_path):
 
 def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
     _, plain = _fit(tmp_path / "a")
-    monitor = SaliencyMonitor(layer=LAYER, every_n_steps=1, num_images=4)
+    monitor = SaliencyMonitor(layer=LAYER, every_n_steps=1, num_images=4, faithfulness_every_n_runs=2)
     _, watched = _fit(tmp_path / "b", monitor, logger=TensorBoardLogger(tmp_path / "b"))
     assert monitor.logged_steps == [0, 1, 2, 3, 4, 5, 6]
     assert plain.losses == watched.losses
@@ -120,7 +122,7 @@ def test_csv_logger_gets_pngs_and_metrics(tmp_path):
     _fit(tmp_path, monitor, logger=logger)
     assert len(list((Path(logger.log_dir) / "saliency").glob("saliency_mtsm_step*.png"))) == 3
     text = (Path(logger.log_dir) / "metrics.csv").read_text()
-    assert "saliency/eigencam/stability_first" in text
+    assert "saliency/eigencam/stability_first" in text and "saliency/tsm/gini" in text
 
 
 def test_every_n_epochs_and_fit_end(tmp_path):
@@ -252,3 +254,41 @@ def test_pytorch_lightning_trainer(tmp_path):
         trainer.fit(PLTiny(), loader())
     assert monitor.logged_steps == [0, 2, 4]
     assert "saliency/tsm" in _events(logger.log_dir).Tags()["images"]
+
+
+def test_masks_faithfulness_and_custom_scalars_layout(tmp_path):
+    probe = torch.randn(2, 3, 16, 16)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 4:12] = True
+    monitor = SaliencyMonitor(
+        probe,
+        masks=masks,
+        layer=LAYER,
+        every_n_steps=3,
+        num_images=2,
+        methods=["tsm", "eigencam"],
+        faithfulness_every_n_runs=2,
+        faithfulness_steps=4,
+    )
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(tmp_path, monitor, logger=logger)
+    acc = _events(logger.log_dir)
+    scalars = acc.Tags()["scalars"]
+    for tag in ("tsm/pointing_game", "tsm/energy_in_mask", "eigencam/mask_iou"):
+        assert [e.step for e in acc.Scalars(f"saliency/{tag}")] == [0, 3, 6], tag
+    # Faithfulness on every second run only (run 2 is step 3), beside the random-map baseline.
+    assert [e.step for e in acc.Scalars("saliency/tsm/deletion_auc")] == [3]
+    assert [e.step for e in acc.Scalars("saliency/random/insertion_auc")] == [3]
+    energy = acc.Scalars("saliency/tsm/energy_in_mask")[0].value
+    assert 0.0 <= energy <= 1.0
+    assert "saliency/tsm/embedding_drop" in scalars
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    layout = b"".join(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val)
+    assert b"saliency/tsm/energy_in_mask" in layout and b"saliency/eigencam/energy_in_mask" in layout
+
+
+def test_metrics_off_logs_no_scalars(tmp_path):
+    monitor = SaliencyMonitor(torch.randn(2, 3, 16, 16), layer=LAYER, every_n_steps=3, num_images=2, metrics=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(tmp_path, monitor, logger=logger)
+    assert not [t for t in _events(logger.log_dir).Tags()["scalars"] if t.startswith("saliency/")]

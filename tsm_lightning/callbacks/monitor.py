@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from tsm_lightning.capture import capture, check_feature_map, find_layer, get_layer
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.metrics import default_embed_fn, faithfulness_metrics, localization_metrics, map_metrics, summarize
 from tsm_lightning.probe import Probe, ProbeFn, build_probe
 from tsm_lightning.render import COLORMAPS, IMAGENET_MEAN, IMAGENET_STD, denormalize, grid, overlay, save_png
 from tsm_lightning.rng import preserved_rng
@@ -57,6 +58,10 @@ class SaliencyMonitorMixin:
         weighting: str = "singular",
         log_on_fit_start: bool = True,
         log_on_fit_end: bool = True,
+        metrics: bool = True,
+        faithfulness_every_n_runs: int | None = None,
+        faithfulness_steps: int = 8,
+        embed_fn: Callable[[Tensor], Tensor] | None = None,
         seed: int = 0,
         strict: bool = False,
     ) -> None:
@@ -91,6 +96,15 @@ class SaliencyMonitorMixin:
             weighting: multivector weighting, one of :data:`~tsm_lightning.core.WEIGHTINGS`.
             log_on_fit_start: log a step-0 baseline when training starts.
             log_on_fit_end: log once more when training ends.
+            metrics: log the cheap label-free metrics of :func:`tsm_lightning.metrics.map_metrics` (entropy, Gini,
+                stability against the previous and first logged maps, agreement between methods, spectral
+                concentration of the features; pointing game, energy-in-mask and IoU when masks are known).
+            faithfulness_every_n_runs: also log the embedding-faithfulness metrics (embedding drop, deletion and
+                insertion AUC, each beside a random map) every this many monitor runs; they cost about
+                ``2 * faithfulness_steps * (methods + 1)`` extra probe forward passes. ``None`` (default): never.
+            faithfulness_steps: steps of the deletion/insertion curves.
+            embed_fn: ``embed_fn(images) -> (B, D)`` embedding for the faithfulness metrics; default: the monitored
+                forward's output (the pooled backbone output for ``"backbone.*"`` layers), flattened.
             seed: seed for augmentations applied while the probe is drawn from a dataset.
             strict: raise errors that happen inside the monitor during training instead of warning and going on.
         """
@@ -112,6 +126,14 @@ class SaliencyMonitorMixin:
             raise ValueError(f"Unknown colormap {colormap!r}; valid colormaps are {tuple(COLORMAPS)}.")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if faithfulness_every_n_runs is not None and (
+            not isinstance(faithfulness_every_n_runs, int) or faithfulness_every_n_runs < 1
+        ):
+            raise ValueError(
+                f"faithfulness_every_n_runs must be a positive integer or None, got {faithfulness_every_n_runs!r}."
+            )
+        if not isinstance(faithfulness_steps, int) or faithfulness_steps < 2:
+            raise ValueError(f"faithfulness_steps must be an integer >= 2, got {faithfulness_steps!r}.")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {weighting!r}; valid weightings are {WEIGHTINGS}.")
         for name, stats in (("mean", mean), ("std", std)):
@@ -144,6 +166,10 @@ class SaliencyMonitorMixin:
         self.weighting = weighting
         self.log_on_fit_start = log_on_fit_start
         self.log_on_fit_end = log_on_fit_end
+        self.metrics = metrics
+        self.faithfulness_every_n_runs = faithfulness_every_n_runs
+        self.faithfulness_steps = faithfulness_steps
+        self.embed_fn = embed_fn
         self.seed = seed
         self.strict = strict
 
@@ -154,6 +180,7 @@ class SaliencyMonitorMixin:
         self.previous_maps: dict[str, Tensor] | None = None
         self._resolved_layer: str | None = layer
         self._told_samples_per_plugin = False
+        self._layout_written = False
 
     # ------------------------------------------------------------------------------------------------ identity
     @property
@@ -335,9 +362,9 @@ class SaliencyMonitorMixin:
         return features, maps
 
     def run(self, trainer: Any, pl_module: Any) -> None:
-        """Compute and log the maps for the current step (rank zero only)."""
+        """Compute and log the maps and metrics for the current step (rank zero only)."""
         step = trainer.global_step
-        _features, maps = self.compute(pl_module)
+        features, maps = self.compute(pl_module)
         images = self._display_images()
         size = (images.shape[-2], images.shape[-1])
         overlays = {
@@ -345,7 +372,7 @@ class SaliencyMonitorMixin:
         }
         pictures = {f"saliency/{name}": grid([_to_uint8(images), tiles]) for name, tiles in overlays.items()}
         pictures["saliency/all"] = _comparison_grid(images, overlays)
-        scalars = self._scalars(maps)
+        scalars = self._scalars(pl_module, features, maps) if self.metrics else {}
         self._log(trainer, pictures, scalars, step)
         self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
         if self.first_maps is None:
@@ -362,16 +389,34 @@ class SaliencyMonitorMixin:
             ).clamp(0, 1)
         return images
 
-    def _scalars(self, maps: dict[str, Tensor]) -> dict[str, float]:
-        """Cheap per-method numbers: drift against the previous and the first logged maps."""
-        out: dict[str, float] = {}
-        for name, m in maps.items():
-            current = m.detach().cpu()
-            if self.previous_maps is not None and name in self.previous_maps:
-                out[f"saliency/{name}/stability_previous"] = _mean_pearson(current, self.previous_maps[name])
-            if self.first_maps is not None and name in self.first_maps:
-                out[f"saliency/{name}/stability_first"] = _mean_pearson(current, self.first_maps[name])
-        return out
+    def _scalars(self, pl_module: Any, features: Tensor, maps: dict[str, Tensor]) -> dict[str, float]:
+        """Label-free metrics, averaged over the probe, as ``saliency/<method>/<metric>`` scalars."""
+        assert self.probe is not None
+        cpu_maps = {name: m.detach().cpu() for name, m in maps.items()}
+        per_image = map_metrics(cpu_maps, previous=self.previous_maps, first=self.first_maps, features=features.cpu())
+        masks = self.probe.masks
+        if masks is not None:
+            size = (masks.shape[-2], masks.shape[-1])
+            full = {name: upsample_maps(m, size) for name, m in cpu_maps.items()}
+            for name, m in full.items():
+                per_image[name].update(localization_metrics(m, masks.cpu()))
+        runs = len(self.logged_steps) + 1
+        if self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0:
+            embed = self.embed_fn or default_embed_fn(pl_module, forward_fn=self._forward)
+            images = self._model_input(pl_module)
+            size = (images.shape[-2], images.shape[-1])
+            with preserved_rng(), _autocast_off(images.device):
+                faithful = faithfulness_metrics(
+                    embed, images, {n: upsample_maps(m, size) for n, m in maps.items()}, steps=self.faithfulness_steps
+                )
+            for name, values in faithful.items():
+                per_image.setdefault(name, {}).update(values)
+        return {
+            f"saliency/{name}/{metric}": value
+            for name, metric_values in summarize(per_image).items()
+            for metric, value in metric_values.items()
+            if math.isfinite(value)
+        }
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log(self, trainer: Any, pictures: dict[str, Tensor], scalars: dict[str, float], step: int) -> None:
@@ -385,6 +430,9 @@ class SaliencyMonitorMixin:
         for logger in loggers:
             if _is_tensorboard(logger):
                 writer = logger.experiment
+                if not self._layout_written and scalars:
+                    writer.add_custom_scalars(_custom_scalars_layout(scalars))
+                    self._layout_written = True
                 for tag, picture in pictures.items():
                     writer.add_image(tag, picture, global_step=step, dataformats="CHW")
                 for tag, value in scalars.items():
@@ -487,15 +535,13 @@ def _comparison_grid(images: Tensor, overlays: dict[str, Tensor]) -> Tensor:
     return grid(rows)
 
 
-def _mean_pearson(a: Tensor, b: Tensor) -> float:
-    x = a.reshape(a.shape[0], -1).double()
-    y = b.reshape(b.shape[0], -1).double()
-    x = x - x.mean(dim=1, keepdim=True)
-    y = y - y.mean(dim=1, keepdim=True)
-    den = x.norm(dim=1) * y.norm(dim=1)
-    corr = torch.where(den > 0, (x * y).sum(dim=1) / den.clamp_min(1e-300), torch.zeros_like(den))
-    value = float(corr.mean())
-    return value if math.isfinite(value) else 0.0
+def _custom_scalars_layout(scalars: dict[str, float]) -> dict[str, dict[str, list]]:
+    # One TensorBoard "Custom Scalars" chart per metric, with a line per method: methods compared at a glance.
+    by_metric: dict[str, list[str]] = {}
+    for tag in scalars:
+        metric = tag.split("/", 2)[2]
+        by_metric.setdefault(metric, []).append(tag)
+    return {"saliency": {metric: ["Multiline", tags] for metric, tags in sorted(by_metric.items())}}
 
 
 def _write_pngs(root: Path, pictures: dict[str, Tensor], step: int) -> None:
