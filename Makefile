@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: a short run on the built-in default
-	$(BIN)/python examples/quickstart.py
+demo: $(STAMP)  ## the main job: MoCo v2 on the built-in shapes with SaliencyMonitor, ~3-4 min on 2 CPU cores
+	$(BIN)/python examples/moco_v2.py --data synthetic --max-steps 150 --batch-size 16 --every-n-steps 25 --output runs
+
+bench: $(STAMP)  ## speed benchmarks (about 10 min on 2 CPU cores)
+	$(BIN)/python benchmarks/run_all.py
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/ruff check tsm_lightning tests examples benchmarks
