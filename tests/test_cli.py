@@ -1,0 +1,315 @@
+"""The ``tsm-lightning`` command line: explain / compare / layers, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tsm_lightning import cli
+from tsm_lightning.core import METHODS
+
+TINYMOD = """
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class Tiny(LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.head(self.backbone(x).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Other(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 5, 3))
+"""
+
+TILE = 32
+PAD = 2  # render.grid default
+
+
+def _grid_size(rows: int, cols: int, tile: int = TILE) -> tuple[int, int]:
+    """(width, height) of a render.grid picture."""
+    return cols * (tile + PAD) + PAD, rows * (tile + PAD) + PAD
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from lightning.pytorch import Trainer
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tinymod.py").write_text(TINYMOD)
+    sys.path.insert(0, str(root))
+    try:
+        tinymod = importlib.import_module("tinymod")
+    finally:
+        sys.path.remove(str(root))
+    torch.manual_seed(0)
+    model = tinymod.Tiny()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, TILE, TILE)), batch_size=4)
+    paths = {"root": root}
+    for k, steps in enumerate((1, 2), start=1):
+        trainer = Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, data)
+        paths[f"ckpt{k}"] = root / f"step{k}.ckpt"
+        trainer.save_checkpoint(paths[f"ckpt{k}"])
+    # A checkpoint naming its class as LightningCLI does, so that --model is not needed.
+    ckpt = torch.load(paths["ckpt1"], map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["_class_path"] = "tinymod.Tiny"
+    paths["ckpt_named"] = root / "named.ckpt"
+    torch.save(ckpt, paths["ckpt_named"])
+
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i, (name, size) in enumerate([("a.png", (40, 48)), ("b.png", (48, 40)), ("sub/c.jpg", (64, 64))]):
+        pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        pixels[5 + i : 20 + i, 5:15] = 255  # a bright square, somewhere
+        Image.fromarray(pixels).save(images / name)
+    (images / "broken.png").write_bytes(b"not a png at all")
+    paths["images"] = images
+    (root / "empty").mkdir()
+    (root / "corrupt.ckpt").write_bytes(b"\x00garbage" * 10)
+
+    state = torchvision.models.resnet18().state_dict()
+    paths["weights"] = root / "r18.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, paths["weights"])  # DataParallel-style prefix
+    return paths
+
+
+def run_cli(env: dict[str, Path], *args: object) -> subprocess.CompletedProcess[str]:
+    pythonpath = os.pathsep.join([str(env["root"]), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-m", "tsm_lightning.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath, "TSM_LIGHTNING_DEBUG": ""},
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def inproc(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run ``cli.main`` in this process (much faster than a subprocess): returns (code, stdout, stderr)."""
+    monkeypatch.syspath_prepend(str(env["root"]))
+    monkeypatch.delenv("TSM_LIGHTNING_DEBUG", raising=False)
+
+    def call(*args: object) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_explain_lightning_checkpoint(env: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "maps"
+    res = run_cli(env, "explain", env["ckpt1"], "--model", "tinymod:Tiny", "--images", env["images"], "--out", out,
+                  "--image-size", TILE)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    stems = ["a", "b", "c"]
+    for stem in stems:
+        with Image.open(out / f"{stem}.png") as img:
+            img.load()
+            assert img.size == _grid_size(1, 1 + len(METHODS))
+    rows = _rows(out / "metrics.csv")
+    assert len(rows) == len(stems) * len(METHODS)
+    assert {(r["image"], r["method"]) for r in rows} == {(s, m) for s in stems for m in METHODS}
+    for row in rows:
+        for key in ("entropy", "gini", "spectral_concentration"):
+            assert 0.0 <= float(row[key]) <= 1.0 + 1e-6
+        others = [m for m in METHODS if m != row["method"]]
+        assert all(-1.0 <= float(row[f"agreement_{m}"]) <= 1.0 for m in others)
+    meta = json.loads((out / "metrics.json").read_text())
+    assert len(meta["rows"]) == len(stems) * len(METHODS)
+    assert meta["layer"] == "backbone.4"  # the last spatial map, inside the backbone
+    assert [Path(s["path"]).name for s in meta["skipped"]] == ["broken.png"]
+    assert "broken.png" in res.stderr and "batch 1/1" in res.stderr
+    for method in METHODS:
+        assert method in res.stdout
+
+
+def test_output_folder_protection(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    out = tmp_path / "maps"
+    args = ["explain", env["ckpt1"], "--model", "tinymod:Tiny", "--images", env["images"] / "a.png", "--out", out,
+            "--image-size", TILE, "--methods", "tsm,mtsm", "--layer", "backbone.2"]  # fmt: skip
+    assert inproc(*args)[0] == 0
+    assert inproc(*args)[0] == 0  # its own files: overwritten without --force
+    (out / "notes.txt").write_text("mine")
+    code, _, err = inproc(*args)
+    assert code == 2 and "notes.txt" in err and "--force" in err
+    assert inproc(*args, "--force")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    rows = _rows(out / "metrics.csv")
+    assert [r["method"] for r in rows] == ["tsm", "mtsm"]
+
+
+def test_class_from_hyperparameters(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    code, _, err = inproc("explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
+                            "--image-size", TILE, "--methods", "eigencam")  # fmt: skip
+    assert code == 0, err
+    assert len(_rows(tmp_path / "o" / "metrics.csv")) == 1
+
+
+def test_tensorboard_event_file(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    args = ["explain", env["ckpt1"], "--model", "tinymod:Tiny", "--images", env["images"] / "a.png", "--out", out,
+            "--image-size", TILE, "--methods", "tsm", "--tensorboard"]  # fmt: skip
+    code, _, err = inproc(*args)
+    assert code == 0, err
+    acc = EventAccumulator(str(out), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == ["explain/a"]
+    assert "saliency/tsm/entropy" in acc.Tags()["scalars"]
+    assert inproc(*args)[0] == 0  # the event file is its own: a rerun needs no --force
+
+
+def test_compare(env: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    res = run_cli(env, "compare", env["ckpt1"], env["ckpt2"], "--model", "tinymod:Tiny", "--images", env["images"],
+                  "--out", out, "--image-size", TILE, "--methods", "tsm", "mtsm")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    for stem in ("a", "b", "c"):
+        with Image.open(out / f"{stem}.png") as img:
+            img.load()
+            assert img.size == _grid_size(2, 1 + 2)  # rows = methods; input + one column per checkpoint
+    rows = _rows(out / "stability.csv")
+    assert len(rows) == 3 * 2
+    assert all(-1.0 <= float(r["pearson"]) <= 1.0 for r in rows)
+    assert {r["from"] for r in rows} == {str(env["ckpt1"])} and {r["to"] for r in rows} == {str(env["ckpt2"])}
+    assert "broken.png" in res.stderr
+
+
+def test_layers(env: dict[str, Path], inproc) -> None:
+    code, out, err = inproc("layers", env["ckpt1"], "--model", "tinymod:Tiny", "--image-size", TILE)
+    assert code == 0, err
+    marked = [line for line in out.splitlines() if line.startswith("*")]
+    assert len(marked) == 1 and "backbone.4" in marked[0] and "1x8x16x16" in marked[0]
+    assert "backbone.0" in out and "backbone.5" not in out  # the pooled 1x1 output is no candidate
+    code, out, _ = inproc("layers", "--arch", "resnet18", "--image-size", 64)
+    assert code == 0
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("*")] == ["layer4"]
+
+
+def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    out = tmp_path / "r18"
+    code, _, err = inproc("explain", "--arch", "resnet18", "--weights", env["weights"], "--images", env["images"],
+                  "--out", out, "--image-size", 64, "--methods", "tsm", "eigencam", "--batch-size", 2)  # fmt: skip
+    assert code == 0, err
+    assert "batch 2/2" in err and "ignored" not in err
+    with Image.open(out / "a.png") as img:
+        assert img.size == _grid_size(1, 3, tile=64)
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["layer"] == "layer4" and len(meta["rows"]) == 3 * 2
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing_ckpt", "does not exist"),
+        ("corrupt_ckpt", "cannot read checkpoint"),
+        ("wrong_class", "check that --model names the class"),
+        ("bad_model_string", "PKG.MODULE:CLASS"),
+        ("unimportable", "cannot import module 'no_such_module_xyz'"),
+        ("missing_attr", "has no attribute 'Nope'"),
+        ("no_class", "pass --model PKG.MODULE:CLASS"),
+        ("unknown_arch", "unknown --arch 'resnet181'"),
+        ("arch_without_weights", "needs --weights"),
+        ("wrong_weights", "does not fit --arch resnet50"),
+        ("no_images", "no such file or folder"),
+        ("empty_folder", "no readable image files"),
+        ("bad_glob", "matches no image file"),
+        ("bad_layer", "Close matches: ['backbone.4'"),
+        ("unknown_method", "Unknown saliency method(s) ['tsmm']"),
+        ("one_checkpoint", "at least two checkpoints"),
+        ("bad_batch_size", "positive integer"),
+    ],
+)
+def test_user_errors(env: dict[str, Path], tmp_path: Path, inproc, case: str, expected: str) -> None:
+    img = env["images"] / "a.png"
+    base = ["--images", img, "--out", tmp_path / "o", "--image-size", TILE]
+    tiny = [env["ckpt1"], "--model", "tinymod:Tiny"]
+    argv = {
+        "missing_ckpt": ["explain", tmp_path / "nope.ckpt", "--model", "tinymod:Tiny", *base],
+        "corrupt_ckpt": ["explain", env["root"] / "corrupt.ckpt", "--model", "tinymod:Tiny", *base],
+        "wrong_class": ["explain", env["ckpt1"], "--model", "tinymod:Other", *base],
+        "bad_model_string": ["explain", env["ckpt1"], "--model", "tinymod/Tiny", *base],
+        "unimportable": ["explain", env["ckpt1"], "--model", "no_such_module_xyz:Tiny", *base],
+        "missing_attr": ["explain", env["ckpt1"], "--model", "tinymod:Nope", *base],
+        "no_class": ["explain", env["ckpt1"], *base],
+        "unknown_arch": ["explain", "--arch", "resnet181", "--weights", env["weights"], *base],
+        "arch_without_weights": ["explain", "--arch", "resnet18", *base],
+        "wrong_weights": ["explain", "--arch", "resnet50", "--weights", env["weights"], *base],
+        "no_images": ["explain", *tiny, "--images", tmp_path / "missing", "--out", tmp_path / "o"],
+        "empty_folder": ["explain", *tiny, "--images", env["root"] / "empty", "--out", tmp_path / "o"],
+        "bad_glob": ["explain", *tiny, "--images", env["images"] / "*.bmp", "--out", tmp_path / "o"],
+        "bad_layer": ["explain", *tiny, *base, "--layer", "backbone.44"],
+        "unknown_method": ["explain", *tiny, *base, "--methods", "tsmm"],
+        "one_checkpoint": ["compare", *tiny, *base],
+        "bad_batch_size": ["explain", *tiny, *base, "--batch-size", "0"],
+    }[case]
+    code, out, err = inproc(*argv)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_subprocess_has_no_traceback(env: dict[str, Path], tmp_path: Path) -> None:
+    res = run_cli(env, "explain", env["ckpt1"], "--model", "tinymod:Other", "--images", env["images"],
+                  "--out", tmp_path / "o", "--image-size", TILE)  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: ") and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["explain", "compare", "layers"])
+def test_help(command: str, inproc, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text and "tsm-lightning " + command in text

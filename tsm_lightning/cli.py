@@ -1,0 +1,825 @@
+"""``tsm-lightning``: saliency maps of a trained checkpoint from the command line.
+
+Subcommands:
+
+* ``explain``: one PNG per image (input, then one overlay per method), ``metrics.csv`` / ``metrics.json`` with the
+  label-free per-image metrics of :func:`~tsm_lightning.metrics.map_metrics`, and a summary table.
+* ``compare``: the same images explained by several checkpoints (e.g. saved during training); one PNG strip per
+  image and ``stability.csv`` with the Pearson correlation between consecutive checkpoints.
+* ``layers``: the candidate layers of a model with their output shapes; ``*`` marks the automatic choice.
+
+Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
+checkpoint's hyper-parameters as LightningCLI saves them) or from a torchvision architecture and a plain
+``state_dict`` (``--arch resnet50 --weights FILE``).
+
+User mistakes end with a one-line ``error: ...`` on stderr and exit status 2; set ``TSM_LIGHTNING_DEBUG=1`` to see
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["CLIError", "main"]
+
+PROG = "tsm-lightning"
+MANIFEST = ".tsm-lightning.json"
+_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
+_HPARAM_CLASS_KEYS = ("_class_path", "class_path")
+_MAX_MESSAGE = 400
+
+
+class CLIError(Exception):
+    """A user mistake: reported as one line ``error: ...`` with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr (exit 2), pointing to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message}; see '{self.prog} --help'.\n")
+        raise SystemExit(2)
+
+
+def _one_line(err: BaseException | str, limit: int = _MAX_MESSAGE) -> str:
+    text = err if isinstance(err, str) else (str(err) or type(err).__name__)
+    if isinstance(err, KeyError) and err.args:
+        text = f"missing key {err.args[0]!r}"
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A model ready to explain.
+
+    Attributes:
+        model: the network, in eval mode on the device.
+        source: what it was loaded from, for messages and outputs.
+        lightning: whether layer names follow the LightningModule rule (``backbone.*`` runs ``model.backbone``).
+    """
+
+    model: Any
+    source: str
+    lightning: bool
+
+    def target(self, layer: str) -> Any:
+        """The module whose forward runs for ``layer`` (same rule as ``SaliencyMonitor``)."""
+        from torch import nn
+
+        head = layer.split(".", 1)[0]
+        if (
+            self.lightning
+            and "." in layer
+            and head == "backbone"
+            and isinstance(getattr(self.model, head, None), nn.Module)
+        ):
+            return self.model.backbone
+        return self.model
+
+    def forward_fn(self, layer: str) -> Callable[[Any, Any], object]:
+        """``forward_fn(model, images)`` for :func:`~tsm_lightning.capture.capture` on ``layer``."""
+        target = self.target(layer)
+        return lambda _model, images: target(images)
+
+    def discover_layer(self, images: Any) -> str:
+        """The layer auto-discovery picks: the last spatial map (inside ``backbone`` when there is one)."""
+        from torch import nn
+
+        from tsm_lightning.capture import find_layer
+
+        backbone = getattr(self.model, "backbone", None)
+        if self.lightning and isinstance(backbone, nn.Module):
+            return "backbone." + find_layer(backbone, images, warn=False)
+        return find_layer(self.model, images, warn=False)
+
+    def candidate_layers(self, images: Any) -> list[Any]:
+        """``layer_shapes`` of the part of the model auto-discovery searches, names relative to the model."""
+        from torch import nn
+
+        from tsm_lightning.capture import LayerInfo, layer_shapes
+
+        backbone = getattr(self.model, "backbone", None)
+        if self.lightning and isinstance(backbone, nn.Module):
+            infos = layer_shapes(backbone, images)
+            return [LayerInfo("backbone." + i.name, i.shape, i.is_map) for i in infos]
+        return layer_shapes(self.model, images)
+
+
+def _import_class(spec: str, option: str = "--model") -> type:
+    """Import ``PKG.MODULE:CLASS`` (or ``PKG.MODULE.CLASS`` when ``option`` is a checkpoint hyper-parameter)."""
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+    elif option != "--model" and "." in spec:
+        module_name, _, attr = spec.rpartition(".")
+    else:
+        module_name, attr = "", ""
+    ident = r"[A-Za-z_]\w*"
+    if not re.fullmatch(rf"{ident}(\.{ident})*", module_name) or not re.fullmatch(rf"{ident}(\.{ident})*", attr):
+        raise CLIError(f"{option} {spec!r} is not of the form PKG.MODULE:CLASS, e.g. --model my_project.models:MoCo")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CLIError(
+            f"cannot import module {module_name!r} for {option} {spec!r} ({_one_line(err)}); install the package "
+            "or add its folder to PYTHONPATH"
+        ) from err
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise CLIError(f"module {module_name!r} has no attribute {attr!r} ({option} {spec!r})")
+    if not isinstance(obj, type):
+        raise CLIError(f"{option} {spec!r} is not a class")
+    return obj
+
+
+def _check_file(path: str | None, what: str) -> Path:
+    if path is None:
+        raise CLIError(f"no {what} given")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} {str(p)!r} does not exist")
+    if not p.is_file():
+        raise CLIError(f"{what} {str(p)!r} is not a file")
+    return p
+
+
+def _torch_load(path: Path, what: str, weights_only: bool) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # corrupt files raise UnpicklingError, RuntimeError, EOFError, ...
+        raise CLIError(f"cannot read {what} {str(path)!r} ({type(err).__name__}: {_one_line(err)})") from err
+
+
+def _class_from_hparams(checkpoint: Any, path: Path) -> type:
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if isinstance(hparams, dict):
+        for key in _HPARAM_CLASS_KEYS:
+            value = hparams.get(key)
+            if isinstance(value, str) and value:
+                return _import_class(value, option=f"hyper-parameter {key}")
+    raise CLIError(
+        f"the checkpoint {str(path)!r} does not name its LightningModule class; pass --model PKG.MODULE:CLASS "
+        "(or --arch NAME --weights FILE for a plain torchvision state_dict)"
+    )
+
+
+def load_lightning(path_text: str, model_spec: str | None, device: str) -> Loaded:
+    """Load a Lightning checkpoint with ``CLASS.load_from_checkpoint``."""
+    path = _check_file(path_text, "checkpoint")
+    checkpoint = _torch_load(path, "checkpoint", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CLIError(
+            f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry); for a plain state_dict pass "
+            "--arch NAME --weights FILE"
+        )
+    cls = _import_class(model_spec) if model_spec else _class_from_hparams(checkpoint, path)
+    del checkpoint
+    loader = getattr(cls, "load_from_checkpoint", None)
+    if not callable(loader):
+        raise CLIError(f"{cls.__module__}.{cls.__qualname__} is not a LightningModule (no load_from_checkpoint)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = loader(str(path), map_location=device)
+    except Exception as err:
+        raise CLIError(
+            f"cannot load {str(path)!r} as {cls.__module__}:{cls.__qualname__} ({type(err).__name__}: "
+            f"{_one_line(err, 160)}); check that --model names the class that saved the checkpoint"
+        ) from err
+    model.eval()
+    return Loaded(model, f"{path}", lightning=True)
+
+
+def _arch_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _build_arch(arch: str) -> Any:
+    import difflib
+
+    import torchvision
+
+    names = _arch_names()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=4, cutoff=0.5)
+        hint = f" Close matches: {close}." if close else ""
+        raise CLIError(
+            f"unknown --arch {arch!r}.{hint} Valid names are torchvision classification models, e.g. resnet50"
+        )
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _match_state_dict(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    """Strip common wrapper prefixes (``module.``, ``backbone.``, ...) while that makes more keys match."""
+    best = state
+    best_hits = len(expected & set(state))
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if not any(k.startswith(prefix) for k in best):
+                continue
+            stripped = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in best.items()}
+            hits = len(expected & set(stripped))
+            if hits > best_hits:
+                best, best_hits, changed = stripped, hits, True
+    return best
+
+
+def load_arch(arch: str, weights: str | None, device: str, *, required: bool = True) -> Loaded:
+    """Build a torchvision architecture and load a plain ``state_dict`` (or a checkpoint holding one)."""
+    import torch
+
+    model = _build_arch(arch)
+    source = f"{arch} (random weights)"
+    if weights is not None or required:
+        if weights is None:
+            raise CLIError(f"--arch {arch} needs --weights FILE (a state_dict saved with torch.save)")
+        path = _check_file(weights, "weights file")
+        state = _torch_load(path, "weights file", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CLIError(f"{str(path)!r} does not hold a state_dict (a dict of tensors)")
+        expected = model.state_dict()
+        state = _match_state_dict(state, set(expected))
+        loaded = {k: v for k, v in state.items() if k in expected}
+        missing = [k for k in expected if k not in loaded and not k.startswith(("fc.", "classifier.", "head"))]
+        if not loaded or missing:
+            sample = missing[:3] if loaded else list(state)[:3]
+            what = f"missing {len(missing)} key(s) such as {sample}" if loaded else f"no key matches (found {sample})"
+            raise CLIError(f"{str(path)!r} does not fit --arch {arch}: {what}; check --arch and the file")
+        try:
+            model.load_state_dict(loaded, strict=False)
+        except RuntimeError as err:
+            raise CLIError(f"{str(path)!r} does not fit --arch {arch}: {_one_line(err)}") from err
+        ignored = len(state) - len(loaded)
+        if ignored:
+            _progress(f"note: ignored {ignored} key(s) of {path.name} that {arch} does not have")
+        source = f"{arch} {path}"
+    model.to(device).eval()
+    return Loaded(model, source, lightning=False)
+
+
+def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
+    """Load one model from the common options."""
+    if args.arch:
+        if args.model:
+            raise CLIError("pass either --model (Lightning checkpoint) or --arch (torchvision state_dict), not both")
+        weights = getattr(args, "weights", None)
+        if weights is not None and checkpoint is not None and weights != checkpoint:
+            raise CLIError("with --arch pass the weights file once, as CHECKPOINT or as --weights")
+        return load_arch(args.arch, weights or checkpoint, args.device, required=required)
+    if getattr(args, "weights", None):
+        raise CLIError("--weights needs --arch NAME (the torchvision architecture of the state_dict)")
+    if checkpoint is None:
+        if args.model and not required:
+            cls = _import_class(args.model)
+            try:
+                model = cls()
+            except Exception as err:
+                raise CLIError(
+                    f"cannot build {args.model} without arguments ({_one_line(err)}); pass a checkpoint"
+                ) from err
+            return Loaded(model.to(args.device).eval(), f"{args.model} (random weights)", lightning=True)
+        raise CLIError("pass a CHECKPOINT (with --model PKG.MODULE:CLASS if needed) or --arch NAME --weights FILE")
+    return load_lightning(checkpoint, args.model, args.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explaining
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _check_layer(loaded: Loaded, layer: str) -> None:
+    from tsm_lightning.capture import get_layer
+
+    try:
+        get_layer(loaded.model, layer)
+    except ValueError as err:
+        raise CLIError(
+            f"--layer: {_one_line(err)}".replace("`tsm-lightning layers`", "`tsm-lightning layers ...`")
+        ) from err
+
+
+def _resolve_layer(loaded: Loaded, layer: str | None, sample: Any) -> str:
+    if layer is not None:
+        _check_layer(loaded, layer)
+        return layer
+    try:
+        chosen = loaded.discover_layer(sample)
+    except (TypeError, RuntimeError) as err:
+        raise CLIError(f"could not run the model to discover a layer ({_one_line(err)}); pass --layer NAME") from err
+    _progress(f"layer: {chosen} (auto; pass --layer to choose another, list them with `{PROG} layers`)")
+    return chosen
+
+
+def _explain_batch(loaded: Loaded, images: Any, layer: str, methods: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """Maps ``{method: (B, H, W)}`` at image size, and the captured features."""
+    from tsm_lightning.capture import capture
+    from tsm_lightning.core import saliency_maps, upsample_maps
+
+    forward = loaded.forward_fn(layer)
+    with capture(loaded.model, layer) as cap:
+        forward(loaded.model, images)
+    features = cap.features
+    maps = saliency_maps(features, methods)
+    size = (images.shape[-2], images.shape[-1])
+    return {name: upsample_maps(m, size) for name, m in maps.items()}, features
+
+
+def _run_model(
+    loaded: Loaded, images: Any, layer: str, methods: Sequence[str], batch_size: int, device: str, label: str = ""
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Explain all images in batches: CPU maps ``{method: (N, H, W)}`` and per-image ``map_metrics``."""
+    import torch
+
+    from tsm_lightning.metrics import map_metrics
+
+    n = images.shape[0]
+    batches = math.ceil(n / batch_size)
+    maps_out: dict[str, list[Any]] = {m: [] for m in methods}
+    metrics_out: dict[str, dict[str, list[Any]]] = {}
+    start = time.perf_counter()
+    for b in range(batches):
+        chunk = images[b * batch_size : (b + 1) * batch_size].to(device)
+        maps, features = _explain_batch(loaded, chunk, layer, methods)
+        for method, values in map_metrics(maps, features=features).items():
+            for metric, v in values.items():
+                metrics_out.setdefault(method, {}).setdefault(metric, []).append(v.detach().cpu())
+        for method in methods:
+            maps_out[method].append(maps[method].detach().float().cpu())
+        done = min(n, (b + 1) * batch_size)
+        _progress(f"{label}batch {b + 1}/{batches}: {done}/{n} images ({time.perf_counter() - start:.1f} s)")
+    cat_maps = {m: torch.cat(v) for m, v in maps_out.items()}
+    cat_metrics = {m: {k: torch.cat(v) for k, v in d.items()} for m, d in metrics_out.items()}
+    return cat_maps, cat_metrics
+
+
+def _load_inputs(args: argparse.Namespace) -> tuple[Any, list[Path], list[tuple[Path, str]]]:
+    from tsm_lightning.data.folder import load_images
+
+    try:
+        return load_images(args.images, args.image_size, warn=False)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--images: {_one_line(err)}") from err
+
+
+def _stems(paths: Sequence[Path]) -> list[str]:
+    """Unique, file-system-safe output names for the input files (``cat``, ``cat_2`` for a second ``cat.jpg``)."""
+    used: set[str] = set()
+    out = []
+    for p in paths:
+        base = re.sub(r"[^\w.-]", "_", p.stem) or "image"
+        name, k = base, 1
+        while name.lower() in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.lower())
+        out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class OutputDir:
+    """An output folder that refuses to overwrite files it did not write (unless ``force``)."""
+
+    def __init__(self, path: str, force: bool) -> None:
+        self.path = Path(path).expanduser()
+        if self.path.exists() and not self.path.is_dir():
+            raise CLIError(f"--out {str(self.path)!r} exists and is not a folder")
+        self.owned: set[str] = set()
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            try:
+                self.owned = set(json.loads(manifest.read_text()).get("files", []))
+            except (OSError, ValueError, AttributeError):
+                self.owned = set()
+        if self.path.is_dir() and not force:
+            foreign = sorted(
+                p.name for p in self.path.iterdir() if p.name != MANIFEST and (p.name not in self.owned or p.is_dir())
+            )
+            if foreign:
+                listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise CLIError(
+                    f"--out {str(self.path)!r} already holds files not written by {PROG} ({listed}); choose an "
+                    "empty or new folder, or pass --force to write into it anyway"
+                )
+        self.written: list[str] = []
+
+    def file(self, name: str) -> Path:
+        """Path of an output file, recorded in the manifest."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.written.append(name)
+        return self.path / name
+
+    def close(self) -> None:
+        """Write the manifest of the files this tool owns in the folder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        files = sorted(self.owned | set(self.written))
+        (self.path / MANIFEST).write_text(json.dumps({"tool": PROG, "files": files}, indent=1) + "\n")
+
+
+def _float(value: Any) -> float | None:
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip())
+
+
+def _fmt(x: float | None) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _report_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
+    if skipped:
+        _progress(f"skipped {len(skipped)} unreadable file(s):")
+        for path, reason in skipped:
+            _progress(f"  {path}: {_one_line(reason)}")
+
+
+def _input_tiles(images: Any) -> Any:
+    import torch
+
+    from tsm_lightning.render import denormalize
+
+    return (denormalize(images) * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``tsm-lightning explain``."""
+    import torch
+
+    from tsm_lightning.core import validate_methods
+    from tsm_lightning.metrics import summarize
+    from tsm_lightning.render import grid, overlay, save_png
+
+    methods = validate_methods(args.methods)
+    device = _check_device(args.device)
+    out = OutputDir(args.out, args.force)
+    images, files, skipped = _load_inputs(args)
+    loaded = load_model(args, args.checkpoint)
+    layer = _resolve_layer(loaded, args.layer, images[:1].to(device))
+    maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
+
+    inputs = _input_tiles(images)
+    features = per_image.get("features", {})
+    rows: list[dict[str, Any]] = []
+    pictures: dict[str, Any] = {}
+    stems = _stems(files)
+    for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
+        tiles = [inputs[i]]
+        base = inputs[i : i + 1].float() / 255
+        for method in methods:
+            tiles.append(overlay(base, maps[method][i : i + 1])[0])
+            values = per_image[method]
+            row: dict[str, Any] = {"image": stem, "path": str(path), "method": method}
+            row.update({k: _float(values[k][i]) for k in ("entropy", "gini")})
+            if len(methods) > 1:
+                agree = {f"agreement_{m}": values.get(f"agreement_{m}") for m in methods}
+                row.update({k: None if v is None else _float(v[i]) for k, v in agree.items()})
+            row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
+            row.update({k: _float(v[i]) for k, v in features.items()})
+            rows.append(row)
+        pictures[stem] = grid([torch.stack(tiles)])
+        save_png(pictures[stem], out.file(f"{stem}.png"))
+
+    _write_csv(out.file("metrics.csv"), rows)
+    summary = summarize({m: per_image[m] | features for m in methods})
+    meta = {
+        "tool": PROG,
+        "command": "explain",
+        "model": loaded.source,
+        "layer": layer,
+        "methods": list(methods),
+        "image_size": args.image_size,
+        "columns": ["input", *methods],
+        "images": [{"image": s, "path": str(p), "png": f"{s}.png"} for s, p in zip(stems, files, strict=True)],
+        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+        "summary": {m: {k: _float(v) for k, v in d.items()} for m, d in summary.items()},
+        "rows": rows,
+    }
+    out.file("metrics.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if args.tensorboard:
+        _write_tensorboard(out, pictures, summary)
+    out.close()
+
+    keys = ["entropy", "gini", "spectral_concentration"]
+    print(f"explained {len(files)} image(s) with {loaded.source}, layer {layer}; wrote {out.path}")
+    _print_table(["method", *keys], [[m, *(_fmt(summary[m].get(k)) for k in keys)] for m in methods])
+    _report_skipped(skipped)
+    return 0
+
+
+def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[str, dict[str, float]]) -> None:
+    """One event file in ``out``: an image per input (tag ``explain/<stem>``), mean metrics as scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    before = {p.name for p in out.path.glob("events.out.tfevents.*")}
+    with SummaryWriter(log_dir=str(out.path)) as writer:
+        for stem, picture in pictures.items():
+            writer.add_image(f"explain/{stem}", picture, global_step=0, dataformats="CHW")
+        for method, values in summary.items():
+            for metric, value in values.items():
+                if value is not None and value == value:  # skip NaN
+                    writer.add_scalar(f"saliency/{method}/{metric}", float(value), global_step=0)
+    for path in out.path.glob("events.out.tfevents.*"):
+        if path.name not in before:
+            out.written.append(path.name)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``tsm-lightning compare``."""
+    import torch
+
+    from tsm_lightning.core import validate_methods
+    from tsm_lightning.metrics import pearson
+    from tsm_lightning.render import grid, overlay, save_png
+
+    methods = validate_methods(args.methods)
+    device = _check_device(args.device)
+    if len(args.checkpoints) < 2:
+        raise CLIError("compare needs at least two checkpoints")
+    out = OutputDir(args.out, args.force)
+    images, files, skipped = _load_inputs(args)
+    layer = args.layer
+    all_maps: list[dict[str, Any]] = []
+    names: list[str] = []
+    for k, ckpt in enumerate(args.checkpoints):
+        loaded = load_model(args, ckpt)
+        layer = _resolve_layer(loaded, layer, images[:1].to(device))
+        maps, _ = _run_model(
+            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(args.checkpoints)}] "
+        )
+        all_maps.append(maps)
+        names.append(Path(ckpt).name)
+        del loaded
+
+    inputs = _input_tiles(images)
+    stems = _stems(files)
+    rows: list[dict[str, Any]] = []
+    corr = {(a, m): pearson(all_maps[a][m], all_maps[a + 1][m]) for a in range(len(all_maps) - 1) for m in methods}
+    for i, stem in enumerate(stems):
+        base = inputs[i : i + 1].float() / 255
+        strip = []
+        for method in methods:
+            tiles = [inputs[i]] + [overlay(base, maps[method][i : i + 1])[0] for maps in all_maps]
+            strip.append(torch.stack(tiles))
+            for a in range(len(all_maps) - 1):
+                rows.append(
+                    {
+                        "image": stem,
+                        "path": str(files[i]),
+                        "method": method,
+                        "from": args.checkpoints[a],
+                        "to": args.checkpoints[a + 1],
+                        "pearson": _float(corr[(a, method)][i]),
+                    }
+                )
+        save_png(grid(strip), out.file(f"{stem}.png"))
+    _write_csv(out.file("stability.csv"), rows)
+    out.close()
+
+    print(f"compared {len(names)} checkpoints on {len(files)} image(s), layer {layer}; wrote {out.path}")
+    pairs = [f"{names[a]}->{names[a + 1]}" for a in range(len(names) - 1)]
+    table = [[m, *(_fmt(float(corr[(a, m)].nanmean())) for a in range(len(pairs)))] for m in methods]
+    _print_table(["method", *(f"pearson {p}" for p in pairs)], table)
+    _report_skipped(skipped)
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """``tsm-lightning layers``."""
+    import torch
+
+    device = _check_device(args.device)
+    loaded = load_model(args, args.checkpoint, required=False)
+    images = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
+    try:
+        infos = loaded.candidate_layers(images)
+        chosen = loaded.discover_layer(images)
+    except ValueError as err:
+        infos, chosen = loaded.candidate_layers(images), None
+        _progress(f"note: {_one_line(err)}")
+    except (TypeError, RuntimeError) as err:
+        raise CLIError(f"could not run the model on a {args.image_size} px image ({_one_line(err)})") from err
+    seen: dict[tuple[str, Any], Any] = {}
+    for info in infos:
+        if args.all or info.is_map:
+            seen[(info.name, info.shape)] = info
+    if not seen:
+        raise CLIError(f"no layer outputs a spatial map at {args.image_size} px; try a larger --image-size")
+    print(f"{loaded.source}: layers with a (B, C, h, w) output at {args.image_size} px (* = auto choice)")
+    rows = [["*" if name == chosen else "", name, "x".join(map(str, shape)) if shape else "-"] for name, shape in seen]
+    _print_table(["", "layer", "output shape"], rows)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _method_list(values: Sequence[str]) -> list[str]:
+    return [m for v in values for m in v.replace(",", " ").split()]
+
+
+def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="PKG.MODULE:CLASS", help="LightningModule class of the checkpoint")
+    g.add_argument("--arch", metavar="NAME", help="torchvision architecture (e.g. resnet50) for a plain state_dict")
+    if weights:
+        g.add_argument("--weights", metavar="FILE", help="state_dict file for --arch (or pass it as CHECKPOINT)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--image-size", type=_positive, default=224, metavar="N", help="input side in pixels (default 224)")
+
+
+def _add_explain_options(p: argparse.ArgumentParser) -> None:
+    from tsm_lightning.core import METHODS
+
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--layer", metavar="NAME", help="layer to explain (default: automatic; see `layers`)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="NAME",
+        help=f"saliency methods, from {', '.join(METHODS)} (default: all)",
+    )
+    p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="images per forward pass (16)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that holds other files")
+    _add_model_options(p)
+    if p.prog.endswith("explain"):
+        p.add_argument("--tensorboard", action="store_true", help="also write the images and metrics as an event file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tsm-lightning`` argument parser."""
+    from tsm_lightning import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description="Label-free saliency maps (EigenCAM, TSM, MTSM) of self-supervised CNN checkpoints.",
+        epilog=f"example:\n  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/",
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "explain",
+        help="saliency maps and metrics of one checkpoint",
+        description=(
+            "Explain images with one model: writes <stem>.png (input, then one overlay per method), metrics.csv and "
+            "metrics.json (one row per image and method), and prints the mean metrics per method."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/\n"
+            f"  {PROG} explain --arch resnet50 --weights backbone.pth --images 'data/*.jpg' --out maps/ "
+            "--methods tsm mtsm"
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="Lightning checkpoint (or --arch weights)")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "compare",
+        help="maps of several checkpoints side by side, with their stability",
+        description=(
+            "Explain the same images with each checkpoint: writes <stem>.png (rows = methods, columns = input then "
+            "checkpoints in the given order) and stability.csv (Pearson correlation between consecutive checkpoints)."
+        ),
+        epilog=(
+            "example:\n"
+            f"  {PROG} compare epoch=1.ckpt epoch=10.ckpt last.ckpt --model my_project.models:MoCo "
+            "--images photos/ --out drift/"
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints (or --arch weights)")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "layers",
+        help="list the layers that can be explained",
+        description="List the layers with a spatial (B, C, h, w) output and their shapes; * marks the auto choice.",
+        epilog=(
+            "examples:\n"
+            f"  {PROG} layers last.ckpt --model my_project.models:MoCo\n"
+            f"  {PROG} layers --arch resnet50 --image-size 224"
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint (optional with --arch / --model)")
+    p.add_argument("--all", action="store_true", help="also list layers without a spatial output")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_layers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if isinstance(exit_.code, int) else 2
+    if hasattr(args, "methods"):
+        args.methods = _method_list(args.methods)
+    debug = os.environ.get("TSM_LIGHTNING_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except CLIError as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err, 2 * _MAX_MESSAGE)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError, KeyError, OSError, TypeError) as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)} (set TSM_LIGHTNING_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
