@@ -60,3 +60,12 @@ def test_example_on_an_image_folder(tmp_path):
     module = importlib.import_module("vicreg")
     module.main([*TINY, "--data", str(folder), "--output", str(tmp_path / "out")])
     assert _images(tmp_path / "out" / "vicreg" / "version_0")["saliency/mtsm"] == [0, 1, 2]
+
+
+def test_quickstart_runs(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--batch-size", "2", "--image-size", "64"])
+    importlib.import_module("quickstart").main()
+    out = capsys.readouterr().out
+    assert "Explained 2 images of 64px" in out
+    for name in ("eigencam", "tsm", "multivec_eigencam", "mtsm"):
+        assert f"{name} " in out
