@@ -207,3 +207,26 @@ def test_normalized_maps_are_in_unit_range_and_hit_both_ends():
         assert m.min() >= 0 and m.max() <= 1
         assert torch.allclose(m.amax(dim=(1, 2)), torch.ones(6))
         assert torch.allclose(normalize_maps(m), m)
+
+
+def test_gram_dtype_guards_against_tf32_off_the_cpu():
+    from tsm_lightning.core.spectral import gram_dtype_for
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert gram_dtype_for(torch.empty(1, 2, 2, 2, dtype=dtype)) == torch.float32
+        # Any accelerator (shown with the meta device, which has no kernels) takes the Gram in float64.
+        assert gram_dtype_for(torch.empty(1, 2, 2, 2, dtype=dtype, device="meta")) == torch.float64
+    assert gram_dtype_for(torch.empty(1, 2, 2, 2, dtype=torch.float64)) == torch.float64
+
+
+def test_matmul_precision_setting_does_not_change_cpu_maps():
+    feats = torch.randn(4, 64, 7, 7)
+    ref = saliency_maps(feats)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = saliency_maps(feats)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for name in METHODS:
+        assert (got[name] - ref[name]).abs().max() <= 1e-4

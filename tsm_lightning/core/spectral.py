@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Decomposition", "Spectrum", "decompose", "validate_features"]
+__all__ = ["Decomposition", "Spectrum", "decompose", "gram_dtype_for", "validate_features"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,19 @@ def validate_features(features: Tensor) -> None:
         raise ValueError(f"features must not have an empty dimension, got shape {tuple(features.shape)}.")
 
 
+def gram_dtype_for(features: Tensor) -> torch.dtype:
+    """Dtype of the Gram matrix for these features.
+
+    float64 features stay float64; on the CPU everything else is computed in float32 (exact enough: the float64
+    ``eigh`` that follows is what matters). On any other device the Gram is taken in float64, so that TF32 matmuls
+    (``torch.set_float32_matmul_precision("high")``, or cuBLAS defaults) can never degrade it: the guard holds by
+    construction, without touching global matmul flags.
+    """
+    if features.dtype == torch.float64 or features.device.type != "cpu":
+        return torch.float64
+    return torch.float32
+
+
 def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Unfold to ``(B, C, N)`` in the Gram dtype, zero non-finite images, rescale extreme ones.
 
@@ -93,9 +106,7 @@ def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ``valid`` is ``(B,)`` bool.
     """
     b, c = features.shape[:2]
-    # float64 stays float64; everything else is computed in float32. On accelerators the Gram is taken in
-    # float64 so that TF32 (``torch.set_float32_matmul_precision("high")``) can never degrade it.
-    gram_dtype = torch.float64 if features.dtype == torch.float64 or features.device.type != "cpu" else torch.float32
+    gram_dtype = gram_dtype_for(features)
     x = features.reshape(b, c, -1).to(gram_dtype)
     # Max-abs without allocating |x| (a fresh buffer the size of the features costs more than the Gram here);
     # NaN and Inf propagate, which makes this the finiteness test too.
