@@ -230,3 +230,14 @@ def test_matmul_precision_setting_does_not_change_cpu_maps():
         torch.set_float32_matmul_precision(previous)
     for name in METHODS:
         assert (got[name] - ref[name]).abs().max() <= 1e-4
+
+
+def test_threaded_eigh_is_bit_identical_to_serial(monkeypatch):
+    from tsm_lightning.core import spectral
+
+    feats = torch.randn(40, 64, 5, 5)
+    threaded = saliency_maps(feats)
+    monkeypatch.setattr(spectral, "_MIN_SPLIT", 10**9)  # force the single serial call
+    serial = saliency_maps(feats)
+    for name in METHODS:
+        assert torch.equal(threaded[name], serial[name])
