@@ -113,3 +113,15 @@ def test_compiled_model_names_are_looked_through():
     model = SiameseNet()
     compiled = torch.compile(model)
     assert get_layer(compiled, "backbone.3") is model.backbone[3]
+
+
+def test_forward_target_and_search_root():
+    from tsm_lightning.capture import forward_target, search_root
+
+    model = SiameseNet()
+    assert forward_target(model, "backbone.5") is model.backbone
+    assert forward_target(model, "head") is model  # directly under the model: the model itself
+    assert forward_target(model, "missing.3") is model
+    assert search_root(model) == ("backbone.", model.backbone)
+    plain = tiny_cnn()
+    assert search_root(plain) == ("", plain)

@@ -49,3 +49,10 @@ def test_grid_layout_and_png_roundtrip(tmp_path):
     assert torch.equal(torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1), g)
     with pytest.raises(ValueError, match="one shape"):
         grid([a, b[:2]])
+
+
+def test_to_uint8_rounds_and_clips():
+    from tsm_lightning.render import to_uint8
+
+    out = to_uint8(torch.tensor([-0.5, 0.0, 0.5, 1.0, 2.0]))
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 255, 255]

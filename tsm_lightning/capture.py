@@ -24,9 +24,11 @@ __all__ = [
     "capture",
     "check_feature_map",
     "find_layer",
+    "forward_target",
     "get_layer",
     "layer_shapes",
     "preserved_modes",
+    "search_root",
 ]
 
 ForwardFn = Callable[[nn.Module, Tensor], object]
@@ -65,6 +67,32 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         f"No layer named {name!r} in {type(model).__name__}.{hint} List all names with "
         "[name for name, _ in model.named_modules()] or `tsm-lightning layers`."
     )
+
+
+def forward_target(model: nn.Module, layer: str) -> nn.Module:
+    """The module to call on the images so that ``layer`` runs.
+
+    For a dotted name the top-level child named by its first part (``model.backbone`` for ``"backbone.7"``), so that
+    only the online backbone of an SSL model runs (not MoCo's momentum encoder, not SwAV's prototypes, not a
+    ``forward`` that expects several crops); for a name directly under ``model``, ``model`` itself.
+    """
+    head = layer.split(".", 1)[0]
+    child = getattr(model, head, None)
+    if "." not in layer or not isinstance(child, nn.Module):
+        return model
+    return child
+
+
+def search_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """Where automatic layer discovery looks, as ``(prefix, root)``.
+
+    ``("backbone.", model.backbone)`` when that is a module, else ``("", model)``; a name found in ``root`` is
+    relative to ``model`` once prefixed.
+    """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return "backbone.", backbone
+    return "", model
 
 
 def check_feature_map(output: object, name: str) -> Tensor:

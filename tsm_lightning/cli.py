@@ -86,46 +86,38 @@ class Loaded:
     lightning: bool
 
     def target(self, layer: str) -> Any:
-        """The module whose forward runs for ``layer`` (same rule as ``SaliencyMonitor``)."""
-        from torch import nn
+        """The module whose forward runs for ``layer``.
 
-        head = layer.split(".", 1)[0]
-        if (
-            self.lightning
-            and "." in layer
-            and head == "backbone"
-            and isinstance(getattr(self.model, head, None), nn.Module)
-        ):
-            return self.model.backbone
-        return self.model
+        For Lightning modules :func:`~tsm_lightning.capture.forward_target`, the rule ``SaliencyMonitor`` uses; for
+        torchvision architectures the whole network.
+        """
+        from tsm_lightning.capture import forward_target
+
+        return forward_target(self.model, layer) if self.lightning else self.model
 
     def forward_fn(self, layer: str) -> Callable[[Any, Any], object]:
         """``forward_fn(model, images)`` for :func:`~tsm_lightning.capture.capture` on ``layer``."""
         target = self.target(layer)
         return lambda _model, images: target(images)
 
+    def _search_root(self) -> tuple[str, Any]:
+        from tsm_lightning.capture import search_root
+
+        return search_root(self.model) if self.lightning else ("", self.model)
+
     def discover_layer(self, images: Any) -> str:
         """The layer auto-discovery picks: the last spatial map (inside ``backbone`` when there is one)."""
-        from torch import nn
-
         from tsm_lightning.capture import find_layer
 
-        backbone = getattr(self.model, "backbone", None)
-        if self.lightning and isinstance(backbone, nn.Module):
-            return "backbone." + find_layer(backbone, images, warn=False)
-        return find_layer(self.model, images, warn=False)
+        prefix, root = self._search_root()
+        return prefix + find_layer(root, images, warn=False)
 
     def candidate_layers(self, images: Any) -> list[Any]:
         """``layer_shapes`` of the part of the model auto-discovery searches, names relative to the model."""
-        from torch import nn
-
         from tsm_lightning.capture import LayerInfo, layer_shapes
 
-        backbone = getattr(self.model, "backbone", None)
-        if self.lightning and isinstance(backbone, nn.Module):
-            infos = layer_shapes(backbone, images)
-            return [LayerInfo("backbone." + i.name, i.shape, i.is_map) for i in infos]
-        return layer_shapes(self.model, images)
+        prefix, root = self._search_root()
+        return [LayerInfo(prefix + i.name, i.shape, i.is_map) for i in layer_shapes(root, images)]
 
 
 def _import_class(spec: str, option: str = "--model") -> type:
@@ -494,11 +486,9 @@ def _report_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
 
 
 def _input_tiles(images: Any) -> Any:
-    import torch
+    from tsm_lightning.render import denormalize, to_uint8
 
-    from tsm_lightning.render import denormalize
-
-    return (denormalize(images) * 255).round().to(torch.uint8)
+    return to_uint8(denormalize(images))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ __all__ = [
     "grid",
     "overlay",
     "save_png",
+    "to_uint8",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -103,7 +104,8 @@ def denormalize(
     return x.clamp(0, 1)
 
 
-def _to_uint8(x: Tensor) -> Tensor:
+def to_uint8(x: Tensor) -> Tensor:
+    """Float images in ``[0, 1]`` (clipped) to uint8."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -124,7 +126,7 @@ def overlay(images: Tensor, maps: Tensor, colormap: str = "jet", alpha: float = 
     if images.shape[-2:] != maps.shape[-2:] or images.shape[0] != maps.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} and maps {tuple(maps.shape)} must match in B, H and W.")
     blended = (1 - alpha) * images.to(torch.float32) + alpha * apply_colormap(maps, colormap)
-    return _to_uint8(blended)
+    return to_uint8(blended)
 
 
 def grid(rows: Sequence[Tensor], padding: int = 2, pad_value: int = 255) -> Tensor:
@@ -140,7 +142,7 @@ def grid(rows: Sequence[Tensor], padding: int = 2, pad_value: int = 255) -> Tens
     """
     if not rows:
         raise ValueError("grid needs at least one row.")
-    tiles = [r if r.dtype == torch.uint8 else _to_uint8(r) for r in rows]
+    tiles = [r if r.dtype == torch.uint8 else to_uint8(r) for r in rows]
     shape = tiles[0].shape
     if any(t.shape != shape for t in tiles) or len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"every row must be (n, 3, H, W) of one shape, got {[tuple(t.shape) for t in tiles]}.")
@@ -164,7 +166,7 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     from PIL import Image
 
     if image.dtype != torch.uint8:
-        image = _to_uint8(image)
+        image = to_uint8(image)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"save_png needs a (3, H, W) image, got {tuple(image.shape)}.")
     path = Path(path)

@@ -17,13 +17,22 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-from torch import Tensor, nn
+from torch import Tensor
 
-from tsm_lightning.capture import capture, check_feature_map, find_layer, get_layer
+from tsm_lightning.capture import capture, check_feature_map, find_layer, forward_target, get_layer, search_root
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
 from tsm_lightning.metrics import default_embed_fn, faithfulness_metrics, localization_metrics, map_metrics, summarize
 from tsm_lightning.probe import Probe, ProbeFn, build_probe
-from tsm_lightning.render import COLORMAPS, IMAGENET_MEAN, IMAGENET_STD, denormalize, grid, overlay, save_png
+from tsm_lightning.render import (
+    COLORMAPS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    denormalize,
+    grid,
+    overlay,
+    save_png,
+    to_uint8,
+)
 from tsm_lightning.rng import preserved_rng
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "SaliencyMonitor", "SaliencyMonitorMixin"]
@@ -254,25 +263,19 @@ class SaliencyMonitorMixin:
             )
         self.probe = self.probe.to(pl_module.device)
 
-    def _default_target(self, pl_module: Any, layer: str) -> nn.Module:
-        head = layer.split(".", 1)[0]
-        if "." not in layer or not isinstance(getattr(pl_module, head, None), nn.Module):
-            return pl_module
-        return getattr(pl_module, head)
-
     def _forward(self, pl_module: Any, images: Tensor) -> object:
         if self.forward_fn is not None:
             return self.forward_fn(pl_module, images)
         assert self._resolved_layer is not None
-        return self._default_target(pl_module, self._resolved_layer)(images)
+        return forward_target(pl_module, self._resolved_layer)(images)
 
     def _discover_layer(self, pl_module: Any) -> str:
         assert self.probe is not None
-        backbone = getattr(pl_module, "backbone", None)
+        prefix, root = search_root(pl_module)
         images = self._model_input(pl_module)
         try:
-            if self.forward_fn is None and isinstance(backbone, nn.Module):
-                name = "backbone." + find_layer(backbone, images, warn=False)
+            if self.forward_fn is None and root is not pl_module:
+                name = prefix + find_layer(root, images, warn=False)
             else:
                 forward = self.forward_fn or (lambda module, x: module(x))
                 name = find_layer(pl_module, images, lambda _m, x: forward(pl_module, x), warn=False)
@@ -370,7 +373,7 @@ class SaliencyMonitorMixin:
         overlays = {
             name: overlay(images, upsample_maps(m, size), self.colormap, self.alpha) for name, m in maps.items()
         }
-        pictures = {f"saliency/{name}": grid([_to_uint8(images), tiles]) for name, tiles in overlays.items()}
+        pictures = {f"saliency/{name}": grid([to_uint8(images), tiles]) for name, tiles in overlays.items()}
         pictures["saliency/all"] = _comparison_grid(images, overlays)
         scalars = self._scalars(pl_module, features, maps) if self.metrics else {}
         self._log(trainer, pictures, scalars, step)
@@ -524,13 +527,9 @@ def _autocast_off(device: torch.device) -> Any:
         yield
 
 
-def _to_uint8(images: Tensor) -> Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def _comparison_grid(images: Tensor, overlays: dict[str, Tensor]) -> Tensor:
     # Columns: input, then each method; one row per probe image.
-    columns = [_to_uint8(images), *overlays.values()]
+    columns = [to_uint8(images), *overlays.values()]
     rows = [torch.stack([col[i] for col in columns]) for i in range(images.shape[0])]
     return grid(rows)
 
