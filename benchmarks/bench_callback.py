@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torchvision
-from bench_utils import base_parser, fmt_ms, machine_header, markdown_table, set_threads
+from bench_utils import fmt_ms, markdown_table, run_script
 from lightly.loss import NegativeCosineSimilarity
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -338,10 +338,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    set_threads(args.threads)
-    print(machine_header(), end="\n\n")
-    print(run(quick=args.quick))
+    run_script(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
-from bench_utils import Timing, base_parser, fmt_ms, machine_header, markdown_table, set_threads, time_blocks, time_fast
+from bench_utils import (
+    Timing,
+    fmt_ms,
+    markdown_table,
+    run_script,
+    time_blocks,
+    time_fast,
+)
 from torch import Tensor, nn
 
 from tsm_lightning import METHODS, capture, saliency_maps
@@ -182,10 +189,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    set_threads(args.threads)
-    print(machine_header(), end="\n\n")
-    print(run(quick=args.quick))
+    run_script(run, __doc__, argv)
 
 
 if __name__ == "__main__":

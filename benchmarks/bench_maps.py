@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bench_utils import (
-    base_parser,
     fmt_err,
     fmt_ms,
     fmt_x,
-    machine_header,
     markdown_table,
-    set_threads,
+    run_script,
     synthetic_features,
     time_fast,
 )
@@ -343,10 +341,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    set_threads(args.threads)
-    print(machine_header(), end="\n\n")
-    print(run(quick=args.quick))
+    run_script(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def run_script(run: Callable[..., str], doc: str, argv: Sequence[str] | None = None) -> None:
+    """Every benchmark script's ``main``: parse ``--quick``/``--threads``, print the header and the tables."""
+    args = base_parser(doc.splitlines()[0]).parse_args(argv)
+    set_threads(args.threads)
+    print(machine_header(), end="\n\n")
+    print(run(quick=args.quick))
+
+
 def cpu_model() -> str:
     """CPU model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
     try:
