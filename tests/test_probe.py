@@ -57,3 +57,8 @@ def test_bad_probes(source, kwargs, match):
 def test_unsupported_source():
     with pytest.raises(TypeError, match="probe must be"):
         build_probe(42, 2)
+
+
+def test_none_is_not_a_probe_for_build_probe():
+    with pytest.raises(TypeError, match="got NoneType"):
+        build_probe(None, 2)

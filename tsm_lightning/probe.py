@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tsm_lightning.rng import preserved_rng
 
-__all__ = ["Probe", "ProbeFn", "build_probe", "unwrap_batch"]
+__all__ = ["Probe", "ProbeFn", "build_probe", "check_probe_source", "unwrap_batch"]
 
 ProbeFn = Callable[[object], "Tensor | tuple[Tensor, Tensor | None]"]
 
@@ -138,6 +138,21 @@ def _sequential(loader: DataLoader, num_images: int) -> DataLoader:
     return DataLoader(loader.dataset, batch_size=num_images, shuffle=False, num_workers=0, collate_fn=loader.collate_fn)
 
 
+def check_probe_source(source: object, *, allow_none: bool = True) -> None:
+    """Raise a ``TypeError`` unless ``source`` is a kind of probe :func:`build_probe` accepts.
+
+    Args:
+        source: candidate probe.
+        allow_none: accept ``None`` (the monitor then draws the probe from the trainer's data).
+    """
+    if (source is None and allow_none) or isinstance(source, (Tensor, str, Path, Dataset, DataLoader)):
+        return
+    raise TypeError(
+        "probe must be a (B, 3, H, W) tensor, a Dataset, a DataLoader, a path to an image folder or None, "
+        f"got {type(source).__name__}."
+    )
+
+
 def build_probe(
     source: object,
     num_images: int,
@@ -169,6 +184,7 @@ def build_probe(
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    check_probe_source(source, allow_none=False)
     with preserved_rng(seed):
         if isinstance(source, Tensor):
             images, found_masks = source, masks
@@ -179,14 +195,9 @@ def build_probe(
             images, found_masks = _from_loader(DataLoader(folder, batch_size=num_images), num_images, probe_fn)
         elif isinstance(source, DataLoader):
             images, found_masks = _from_loader(_sequential(source, num_images), num_images, probe_fn)
-        elif isinstance(source, Dataset):
+        else:  # a map-style or iterable Dataset
             loader = DataLoader(source, batch_size=num_images, shuffle=False, num_workers=0)
             images, found_masks = _from_loader(loader, num_images, probe_fn)
-        else:
-            raise TypeError(
-                "probe must be a (B, 3, H, W) tensor, a Dataset, a DataLoader, a path to an image folder or None, "
-                f"got {type(source).__name__}."
-            )
     return _validated(images, found_masks, num_images)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from tsm_lightning.capture import capture, check_feature_map, find_layer, forward_target, get_layer, search_root
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
 from tsm_lightning.metrics import default_embed_fn, faithfulness_metrics, localization_metrics, map_metrics, summarize
-from tsm_lightning.probe import Probe, ProbeFn, build_probe
+from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
 from tsm_lightning.render import (
     COLORMAPS,
     IMAGENET_MEAN,
@@ -148,15 +148,7 @@ class SaliencyMonitorMixin:
         for name, stats in (("mean", mean), ("std", std)):
             if stats is not None and len(stats) != 3:
                 raise ValueError(f"{name} must have 3 values (one per RGB channel) or be None, got {stats!r}.")
-        if (
-            probe is not None
-            and not isinstance(probe, (Tensor, str, Path, torch.utils.data.Dataset))
-            and not (isinstance(probe, torch.utils.data.DataLoader))
-        ):
-            raise TypeError(
-                "probe must be a (B, 3, H, W) tensor, a Dataset, a DataLoader, a path to an image folder or None, "
-                f"got {type(probe).__name__}."
-            )
+        check_probe_source(probe)
         self.probe_source = probe
         self.layer = layer
         self.methods = validate_methods(methods)
