@@ -91,10 +91,15 @@ def test_find_layer_on_lightly_style_backbone_and_torchvision():
     with pytest.warns(UserWarning, match=r"using 'backbone.5'"):
         assert find_layer(model, torch.randn(1, 3, 16, 16)) == "backbone.5"
     resnet = nn.Sequential(*list(torchvision.models.resnet18().children())[:-1])
-    with pytest.warns(UserWarning, match="'7'"):
-        assert find_layer(resnet, torch.randn(1, 3, 64, 64)) == "7"
-    # At 32x32 ResNet18's last block is 1x1: discovery falls back to the last spatial layer, layer3.
-    assert find_layer(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), warn=False) == "layer3"
+    # At 224 px layer4 ('7') is 7x7: the deepest stage, and large enough.
+    with pytest.warns(UserWarning, match=r"'7', a 7x7 grid"):
+        assert find_layer(resnet, torch.randn(1, 3, 224, 224)) == "7"
+    # At 64 px layer4 is 2x2 and layer3 4x4: the deepest map of at least 7x7 is layer2 ('5', 8x8).
+    with pytest.warns(UserWarning, match=r"'5', a 8x8 grid") as record:
+        assert find_layer(resnet, torch.randn(1, 3, 64, 64)) == "5"
+    assert "CIFAR" not in str(record[0].message)  # a large enough grid needs no advice
+    # At 32 px: layer1 (8x8) beats the 1x1 layer4 and the 2x2 layer3.
+    assert find_layer(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), warn=False) == "layer1"
 
 
 def test_find_layer_without_spatial_maps_raises():

@@ -230,7 +230,8 @@ def test_layers(env: dict[str, Path], inproc) -> None:
     assert "backbone.0" in out and "backbone.5" not in out  # the pooled 1x1 output is no candidate
     code, out, _ = inproc("layers", "--arch", "resnet18", "--image-size", 64)
     assert code == 0
-    assert [line.split()[1] for line in out.splitlines() if line.startswith("*")] == ["layer4"]
+    # layer4 is 2x2 and layer3 4x4 at 64 px: the automatic choice is the deepest map of at least 7x7.
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("*")] == ["layer2"]
 
 
 def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
@@ -242,7 +243,7 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
     with Image.open(out / "a.png") as img:
         assert img.size == _grid_size(1, 3, tile=64)
     meta = json.loads((out / "metrics.json").read_text())
-    assert meta["layer"] == "layer4" and len(meta["rows"]) == 3 * 2
+    assert meta["layer"] == "layer2" and len(meta["rows"]) == 3 * 2
 
 
 @pytest.mark.parametrize(

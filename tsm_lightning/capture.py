@@ -3,8 +3,9 @@
 :func:`capture` registers a forward hook on one named sub-module, puts the model in eval mode under
 ``torch.no_grad()``, and in ``finally`` removes the hook and restores **each** sub-module's own
 ``training`` flag (a model with a frozen, eval-mode backbone stays that way). :func:`find_layer` picks a
-layer automatically: the last module, in forward order, whose output is a ``(B, C, h, w)`` map with
-``h * w > 1``.
+layer automatically (:func:`choose_layer`): the deepest module whose output is a ``(B, C, h, w)`` map of at least
+:data:`MIN_GRID` x :data:`MIN_GRID`, else of at least :data:`FALLBACK_GRID` x :data:`FALLBACK_GRID`, else any map
+larger than 1x1, always saying which grid it got and, when it is small, how to get a larger one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "FALLBACK_GRID",
+    "MIN_GRID",
     "Capture",
     "LayerInfo",
     "capture",
     "check_feature_map",
+    "choose_layer",
     "find_layer",
     "forward_target",
     "get_layer",
@@ -32,6 +36,17 @@ __all__ = [
 ]
 
 ForwardFn = Callable[[nn.Module, Tensor], object]
+
+MIN_GRID = 7
+"""Automatic layer choice prefers the deepest map at least this many cells on each side (ResNet layer4 at 224 px)."""
+
+FALLBACK_GRID = 4
+"""Below :data:`MIN_GRID`, the deepest map at least this large is taken, with a warning."""
+
+LARGER_GRID_HINT = (
+    "For a larger grid feed larger images (a ResNet's layer4 is 7x7 at 224 px) or give the network a CIFAR-style "
+    "stem (3x3 stride-1 first convolution, no max-pool), or pass layer= to choose an earlier layer."
+)
 
 
 def _default_forward(model: nn.Module, images: Tensor) -> object:
@@ -262,14 +277,44 @@ def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None 
     return seen
 
 
+def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
+    """The automatic choice among the layers :func:`layer_shapes` saw, and a sentence describing it.
+
+    The deepest (last to finish) map with both sides at least :data:`MIN_GRID`; failing that, at least
+    :data:`FALLBACK_GRID`; failing that, the deepest map larger than 1x1. The sentence names the layer and its grid,
+    and for a grid below :data:`MIN_GRID` says how to get a larger one.
+
+    Raises:
+        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1.
+    """
+    maps = [info for info in infos if info.is_map and info.shape is not None]
+    if not maps:
+        tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
+        detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
+        raise ValueError(f"No layer outputs a (B, C, h, w) map larger than 1x1.{detail} {LARGER_GRID_HINT}")
+    for minimum in (MIN_GRID, FALLBACK_GRID, 1):
+        large = [info for info in maps if min(info.shape[-2:]) >= minimum]  # type: ignore[index]
+        if large:
+            chosen = large[-1]
+            break
+    h, w = chosen.shape[-2:]  # type: ignore[index]
+    text = f"{chosen.name!r}, a {h}x{w} grid (output shape {chosen.shape})"
+    if min(h, w) < MIN_GRID:
+        text += (
+            f". No layer gives a grid of at least {MIN_GRID}x{MIN_GRID} at this input size, and a {h}x{w} map can "
+            f"only show coarse blobs. {LARGER_GRID_HINT}"
+        )
+    return chosen, text
+
+
 def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, warn: bool = True) -> str:
-    """Pick the last module (in forward order) whose output is a ``(B, C, h, w)`` map with ``h * w > 1``.
+    """Pick a layer automatically: the deepest spatial map large enough to show something (:func:`choose_layer`).
 
     Args:
         model: the network.
         images: ``(B, 3, H, W)`` input batch of the size that will be explained.
         forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
-        warn: emit a ``UserWarning`` naming the chosen layer.
+        warn: emit a ``UserWarning`` naming the chosen layer and its grid size.
 
     Returns:
         The dotted module name.
@@ -277,21 +322,10 @@ def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = 
     Raises:
         ValueError: if no module produces a spatial map at this input size.
     """
-    infos = layer_shapes(model, images, forward_fn)
-    maps = [info for info in infos if info.is_map]
-    if not maps:
-        tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
-        detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
-        raise ValueError(
-            f"No layer of {type(model).__name__} outputs a (B, C, h, w) map larger than 1x1 for inputs of shape "
-            f"{tuple(images.shape)}.{detail} Use larger images or pass layer= explicitly."
-        )
-    chosen = maps[-1]
+    try:
+        chosen, text = choose_layer(layer_shapes(model, images, forward_fn))
+    except ValueError as err:
+        raise ValueError(f"{type(model).__name__}, inputs of shape {tuple(images.shape)}: {err}") from None
     if warn:
-        warnings.warn(
-            f"No layer given: using {chosen.name!r} with output shape {chosen.shape}, the last layer with a "
-            "spatial feature map. Pass layer= to choose another.",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"No layer given: using {text}. Pass layer= to choose another.", UserWarning, stacklevel=2)
     return chosen.name

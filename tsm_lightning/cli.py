@@ -105,12 +105,16 @@ class Loaded:
 
         return search_root(self.model) if self.lightning else ("", self.model)
 
-    def discover_layer(self, images: Any) -> str:
-        """The layer auto-discovery picks: the last spatial map (inside ``backbone`` when there is one)."""
-        from tsm_lightning.capture import find_layer
+    def discover_layer(self, images: Any) -> tuple[str, str]:
+        """The layer auto-discovery picks (inside ``backbone`` when there is one) and a sentence with its grid.
 
-        prefix, root = self._search_root()
-        return prefix + find_layer(root, images, warn=False)
+        See :func:`~tsm_lightning.capture.choose_layer`.
+        """
+        from tsm_lightning.capture import choose_layer
+
+        infos = self.candidate_layers(images)
+        chosen, text = choose_layer(infos)
+        return chosen.name, text
 
     def candidate_layers(self, images: Any) -> list[Any]:
         """``layer_shapes`` of the part of the model auto-discovery searches, names relative to the model."""
@@ -335,10 +339,12 @@ def _resolve_layer(loaded: Loaded, layer: str | None, sample: Any) -> str:
         _check_layer(loaded, layer)
         return layer
     try:
-        chosen = loaded.discover_layer(sample)
+        chosen, text = loaded.discover_layer(sample)
     except (TypeError, RuntimeError) as err:
         raise CLIError(f"could not run the model to discover a layer ({_one_line(err)}); pass --layer NAME") from err
-    _progress(f"layer: {chosen} (auto; pass --layer to choose another, list them with `{PROG} layers`)")
+    except ValueError as err:
+        raise CLIError(f"no layer to explain: {_one_line(err)}") from err
+    _progress(f"layer: {text} (auto; pass --layer to choose another, list them with `{PROG} layers`)")
     return chosen
 
 
@@ -642,17 +648,22 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """``tsm-lightning layers``."""
     import torch
 
+    from tsm_lightning.capture import choose_layer
+
     device = _check_device(args.device)
     loaded = load_model(args, args.checkpoint, required=False)
     images = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
     try:
         infos = loaded.candidate_layers(images)
-        chosen = loaded.discover_layer(images)
-    except ValueError as err:
-        infos, chosen = loaded.candidate_layers(images), None
-        _progress(f"note: {_one_line(err)}")
     except (TypeError, RuntimeError) as err:
         raise CLIError(f"could not run the model on a {args.image_size} px image ({_one_line(err)})") from err
+    try:
+        chosen_info, text = choose_layer(infos)
+        chosen: str | None = chosen_info.name
+        _progress(f"auto choice: {text}")
+    except ValueError as err:
+        chosen = None
+        _progress(f"note: {_one_line(err)}")
     seen: dict[tuple[str, Any], Any] = {}
     for info in infos:
         if args.all or info.is_map:

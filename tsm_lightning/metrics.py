@@ -59,9 +59,11 @@ __all__ = [
     "default_embed_fn",
     "deletion_auc",
     "deletion_curve",
+    "effective_rank",
     "embedding_drop",
     "embedding_gain",
     "embedding_increase",
+    "embedding_spread",
     "energy_in_mask",
     "faithfulness_metrics",
     "gini",
@@ -1344,6 +1346,60 @@ def localization_metrics(maps: Tensor, masks: Tensor, threshold: float = 0.5) ->
         "energy_in_mask": energy_in_mask(maps, masks),
         "mask_iou": mask_iou(maps, masks, threshold),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collapse indicators of the embedding (is the model learning anything?)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_embeddings(embeddings: object) -> Tensor:
+    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
+        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings must be a floating (n, D) tensor, got {shape}.")
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"collapse indicators need at least 2 embeddings, got {embeddings.shape[0]}.")
+    return embeddings.to(_acc_dtype(embeddings.device))
+
+
+def embedding_spread(embeddings: Tensor) -> Tensor:
+    """Mean per-dimension standard deviation of the l2-normalised embeddings (the SimSiam collapse indicator).
+
+    ``mean_d std_n(z_nd / ||z_n||)``. A collapsed embedding (every input mapped to one direction) gives ``0``;
+    embeddings spread evenly over the unit sphere give about ``1 / sqrt(D)``.
+
+    Args:
+        embeddings: ``(n, D)`` embeddings, ``n >= 2``.
+
+    Returns:
+        A 0-d float32 tensor, ``>= 0``.
+    """
+    z = _check_embeddings(embeddings)
+    unit, _ = _unit(z)
+    return _out(unit.std(dim=0).mean(), embeddings)
+
+
+def effective_rank(embeddings: Tensor) -> Tensor:
+    """Effective rank (Roy and Vetterli, 2007) of the centred embeddings: ``exp(H(p))``, ``p_k = s_k / sum_j s_j``.
+
+    ``s_k`` are the singular values of the ``(n, D)`` embeddings centred over the batch. It counts the directions
+    the embeddings really use: ``1`` for embeddings on a line (dimensional collapse), up to ``min(n - 1, D)``
+    for isotropic ones. ``0`` if all embeddings are equal.
+
+    Args:
+        embeddings: ``(n, D)`` embeddings, ``n >= 2``.
+
+    Returns:
+        A 0-d float32 tensor in ``[0, min(n, D)]``.
+    """
+    z = _check_embeddings(embeddings)
+    s = torch.linalg.svdvals(z - z.mean(dim=0, keepdim=True))
+    total = s.sum()
+    if not bool(total > 0):
+        return _out(torch.zeros((), dtype=z.dtype), embeddings)
+    p = s / total
+    entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
+    return _out(entropy.exp(), embeddings)
 
 
 def map_metrics(

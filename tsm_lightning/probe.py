@@ -16,10 +16,21 @@ Anything else needs a ``probe_fn(batch) -> images`` or ``-> (images, masks)``. S
 first ``num_images`` samples in dataset order (a sequential sampler, never the training shuffle), drawn under
 a fixed seed with every global random stream restored afterwards, so augmenting transforms give the same probe
 every time and training randomness is untouched.
+
+Probe size. An explicit tensor is used whole. From data (a ``Dataset``, ``DataLoader`` or folder), the first
+``num_images`` samples are drawn, :data:`DEFAULT_NUM_IMAGES` when ``num_images`` is ``None``, or all of them if
+the data holds fewer. Only an explicit ``num_images`` larger than what the source holds is an error.
+
+Masks must describe the probe images exactly. When masks come from data, the probe is drawn a second time under
+another seed: if the images differ, the dataset's transform is random (crops, flips, colour jitter), so a mask
+cannot describe the view it came with. The probe is then drawn from ``dataset.without_augmentation()`` when the
+dataset offers it (the built-in datasets do: the probe is for watching, not for training), and otherwise the masks
+are dropped with a warning that says why, so no localization number is ever computed against another image's mask.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +41,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tsm_lightning.rng import preserved_rng
 
-__all__ = ["Probe", "ProbeFn", "build_probe", "check_probe_source", "unwrap_batch"]
+__all__ = ["DEFAULT_NUM_IMAGES", "Probe", "ProbeFn", "build_probe", "check_probe_source", "unwrap_batch"]
+
+DEFAULT_NUM_IMAGES = 8
+"""Probe images drawn from data when ``num_images`` is not given."""
 
 ProbeFn = Callable[[object], "Tensor | tuple[Tensor, Tensor | None]"]
 
@@ -109,7 +123,9 @@ def _apply_probe_fn(probe_fn: ProbeFn, batch: object) -> tuple[Tensor, Tensor | 
     raise ValueError(f"probe_fn must return an image tensor or (images, masks), got {type(out).__name__}.")
 
 
-def _from_loader(loader: DataLoader, num_images: int, probe_fn: ProbeFn | None) -> tuple[Tensor, Tensor | None]:
+def _from_loader(loader: DataLoader, num_images: int | None, probe_fn: ProbeFn | None) -> tuple[Tensor, Tensor | None]:
+    """The first ``num_images`` (default :data:`DEFAULT_NUM_IMAGES`, or all if fewer) images of ``loader``."""
+    wanted = num_images or DEFAULT_NUM_IMAGES
     images: list[Tensor] = []
     masks: list[Tensor | None] = []
     count = 0
@@ -118,24 +134,65 @@ def _from_loader(loader: DataLoader, num_images: int, probe_fn: ProbeFn | None) 
         images.append(imgs)
         masks.append(msk)
         count += imgs.shape[0]
-        if count >= num_images:
+        if count >= wanted:
             break
     if count == 0:
         raise ValueError("The probe dataloader is empty: it yielded no batch. Pass a probe with images in it.")
-    if count < num_images:
+    if num_images is not None and count < num_images:
         raise ValueError(
-            f"The probe source holds only {count} images but num_images={num_images}. Lower num_images or pass a "
-            "larger probe."
+            f"The probe source holds only {count} images but num_images={num_images}. Lower num_images (or leave "
+            "it unset to use every image) or pass a larger probe."
         )
-    out_masks = torch.cat(masks)[:num_images] if all(m is not None for m in masks) else None  # type: ignore[arg-type]
-    return torch.cat(images)[:num_images], out_masks
+    out_masks = torch.cat(masks)[:wanted] if all(m is not None for m in masks) else None  # type: ignore[arg-type]
+    return torch.cat(images)[:wanted], out_masks
 
 
-def _sequential(loader: DataLoader, num_images: int) -> DataLoader:
+def _sequential(loader: DataLoader, num_images: int | None) -> DataLoader:
     """A loader over the same data in dataset order, without workers or shuffling, with the user's collate."""
     if isinstance(loader.dataset, IterableDataset):
         return loader
-    return DataLoader(loader.dataset, batch_size=num_images, shuffle=False, num_workers=0, collate_fn=loader.collate_fn)
+    return _loader(loader.dataset, num_images, loader.collate_fn)
+
+
+def _loader(dataset: Dataset, num_images: int | None, collate_fn: Callable | None = None) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=num_images or DEFAULT_NUM_IMAGES, shuffle=False, num_workers=0, collate_fn=collate_fn
+    )
+
+
+def _draw(
+    source: Dataset | DataLoader, num_images: int | None, probe_fn: ProbeFn | None
+) -> tuple[Tensor, Tensor | None]:
+    loader = _sequential(source, num_images) if isinstance(source, DataLoader) else _loader(source, num_images)
+    return _from_loader(loader, num_images, probe_fn)
+
+
+def _draw_with_aligned_masks(
+    source: Dataset | DataLoader, num_images: int | None, probe_fn: ProbeFn | None, seed: int
+) -> tuple[Tensor, Tensor | None]:
+    """Draw the probe; keep masks only if they describe the drawn images (see the module docstring)."""
+    with preserved_rng(seed):
+        images, masks = _draw(source, num_images, probe_fn)
+    if masks is None:
+        return images, None
+    with preserved_rng(seed + 1):
+        again, _ = _draw(source, num_images, probe_fn)
+    if torch.equal(images, again):
+        return images, masks
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    plain = getattr(dataset, "without_augmentation", None)
+    if callable(plain):
+        with preserved_rng(seed):
+            return _draw(plain(), num_images, probe_fn)
+    warnings.warn(
+        f"The probe's {type(dataset).__name__} applies a random transform (two draws of the same samples differ), "
+        "so the masks it returns cannot describe the augmented images: localization metrics are skipped. Pass the "
+        "probe as a tensor with masks=, or a dataset without augmentation (or give the dataset a "
+        "without_augmentation() method returning one).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return images, None
 
 
 def check_probe_source(source: object, *, allow_none: bool = True) -> None:
@@ -155,7 +212,7 @@ def check_probe_source(source: object, *, allow_none: bool = True) -> None:
 
 def build_probe(
     source: object,
-    num_images: int,
+    num_images: int | None = None,
     *,
     probe_fn: ProbeFn | None = None,
     masks: Tensor | None = None,
@@ -164,12 +221,15 @@ def build_probe(
 ) -> Probe:
     """Build the fixed probe batch from a tensor, a ``Dataset``, a ``DataLoader`` or an image folder path.
 
-    Datasets and dataloaders are read in dataset order (first ``num_images`` samples) with ``num_workers=0``,
-    under ``seed`` with all global RNG states restored afterwards. Multi-view samples keep their first view.
+    Datasets and dataloaders are read in dataset order with ``num_workers=0``, under ``seed`` with all global RNG
+    states restored afterwards. Multi-view samples keep their first view. Masks found in the data are kept only if
+    they describe the drawn images (see the module docstring).
 
     Args:
         source: ``(B, 3, H, W)`` tensor, ``Dataset``, ``DataLoader`` or path to a folder of images.
-        num_images: probe size; the source must hold at least this many images.
+        num_images: probe size. ``None``: a tensor is used whole; from data, the first
+            :data:`DEFAULT_NUM_IMAGES` samples (all of them if there are fewer). An explicit number must not exceed
+            what the source holds.
         probe_fn: extracts ``images`` or ``(images, masks)`` from one collated batch, for unusual structures.
         masks: optional ``(B, H, W)`` masks for a tensor source (ignored otherwise).
         image_size: resize for image folders (shorter side, then centre crop); default 224.
@@ -179,37 +239,36 @@ def build_probe(
         A :class:`Probe` on the CPU (or on the source tensor's device).
 
     Raises:
-        ValueError: for an empty source, a source smaller than ``num_images``, wrong shapes or channel counts.
+        ValueError: for an empty source, a source smaller than an explicit ``num_images``, wrong shapes or channel
+            counts.
         TypeError: for an unsupported source type.
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
+        raise ValueError(f"num_images must be a positive integer or None, got {num_images!r}.")
     check_probe_source(source, allow_none=False)
-    with preserved_rng(seed):
-        if isinstance(source, Tensor):
-            images, found_masks = source, masks
-        elif isinstance(source, (str, Path)):
-            from tsm_lightning.data import ImageFolder
+    if isinstance(source, Tensor):
+        images, found_masks = source, masks
+    elif isinstance(source, (str, Path)):
+        from tsm_lightning.data import ImageFolder
 
-            folder = ImageFolder(source, image_size=image_size or 224)
-            images, found_masks = _from_loader(DataLoader(folder, batch_size=num_images), num_images, probe_fn)
-        elif isinstance(source, DataLoader):
-            images, found_masks = _from_loader(_sequential(source, num_images), num_images, probe_fn)
-        else:  # a map-style or iterable Dataset
-            loader = DataLoader(source, batch_size=num_images, shuffle=False, num_workers=0)
-            images, found_masks = _from_loader(loader, num_images, probe_fn)
+        folder = ImageFolder(source, image_size=image_size or 224)
+        with preserved_rng(seed):
+            images, found_masks = _draw(folder, num_images, probe_fn)
+    else:
+        images, found_masks = _draw_with_aligned_masks(source, num_images, probe_fn, seed)  # type: ignore[arg-type]
     return _validated(images, found_masks, num_images)
 
 
-def _validated(images: object, masks: Tensor | None, num_images: int) -> Probe:
+def _validated(images: object, masks: Tensor | None, num_images: int | None) -> Probe:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"The probe must be RGB images of shape (B, 3, H, W), got {shape}.")
     if not images.is_floating_point():
         raise ValueError(f"Probe images must be floating point (normalised as the model expects), got {images.dtype}.")
-    if images.shape[0] < num_images:
+    if num_images is not None and images.shape[0] < num_images:
         raise ValueError(
-            f"The probe holds {images.shape[0]} images but num_images={num_images}. Lower num_images or pass more."
+            f"The probe holds {images.shape[0]} images but num_images={num_images}. Lower num_images (or leave it "
+            "unset to use the whole tensor) or pass more."
         )
     images = images[:num_images].detach().clone()
     if masks is not None:

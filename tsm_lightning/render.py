@@ -17,13 +17,24 @@ __all__ = [
     "COLORMAPS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "METHOD_LABELS",
     "apply_colormap",
     "denormalize",
     "grid",
+    "label",
+    "labelled_grid",
     "overlay",
     "save_png",
     "to_uint8",
 ]
+
+METHOD_LABELS: dict[str, str] = {
+    "eigencam": "EigenCAM",
+    "tsm": "TSM",
+    "multivec_eigencam": "MV-EigenCAM",
+    "mtsm": "MTSM",
+}
+"""Short display names of the methods, used in picture headers."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -159,6 +170,76 @@ def grid(rows: Sequence[Tensor], padding: int = 2, pad_value: int = 255) -> Tens
             left = padding + j * (w + padding)
             out[:, top : top + h, left : left + w] = row[j]
     return out
+
+
+_FONT_SIZE = 11
+_LABEL_BAND = 15  # pixels of the header row: the font's ascent and descent plus a margin
+
+
+def label(name: str) -> str:
+    """Display name of a method (:data:`METHOD_LABELS`), or ``name`` itself for anything else."""
+    return METHOD_LABELS.get(name, name)
+
+
+def _font() -> object:
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=_FONT_SIZE)
+
+
+def _fit(text: str, width: int, font: object) -> str:
+    """``text`` shortened with a trailing ellipsis until it is at most ``width`` pixels wide."""
+    if font.getlength(text) <= width:  # type: ignore[attr-defined]
+        return text
+    while text and font.getlength(text + "…") > width:  # type: ignore[attr-defined]
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+def labelled_grid(
+    rows: Sequence[Tensor],
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    padding: int = 2,
+) -> Tensor:
+    """:func:`grid` with a header row naming each column and a left band naming each row, drawn on the picture.
+
+    Labels wider than their tile are shortened with an ellipsis; tiles narrower than a few characters get none.
+
+    Args:
+        rows: as for :func:`grid`: ``rows[i]`` is an ``(n, 3, H, W)`` batch, one tile per column.
+        column_labels: ``n`` texts written above the columns, or ``None`` for no header.
+        row_labels: one text per row written left of it, or ``None`` for no band.
+        padding: pixels between tiles.
+
+    Returns:
+        ``(3, H', W')`` uint8: the grid, ``15`` pixels taller with column labels and wider by the longest row label.
+    """
+    from PIL import Image, ImageDraw
+
+    picture = grid(rows, padding=padding)
+    n, h, w = rows[0].shape[0], rows[0].shape[-2], rows[0].shape[-1]
+    if column_labels is not None and len(column_labels) != n:
+        raise ValueError(f"column_labels needs {n} texts (one per column), got {len(column_labels)}.")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"row_labels needs {len(rows)} texts (one per row), got {len(row_labels)}.")
+    font = _font()
+    top = _LABEL_BAND if column_labels is not None else 0
+    left = 0
+    if row_labels is not None:
+        left = int(max(font.getlength(text) for text in row_labels)) + 2 * padding + 2  # type: ignore[attr-defined]
+    canvas = Image.new("RGB", (picture.shape[2] + left, picture.shape[1] + top), (255, 255, 255))
+    canvas.paste(Image.fromarray(picture.permute(1, 2, 0).cpu().numpy()), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(column_labels or ()):
+        text = _fit(text, w, font)
+        x = left + padding + j * (w + padding) + (w - font.getlength(text)) / 2  # type: ignore[attr-defined]
+        draw.text((x, 1), text, fill=(0, 0, 0), font=font)
+    for i, text in enumerate(row_labels or ()):
+        y = top + padding + i * (h + padding) + h / 2
+        draw.text((padding, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    out = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    return out.reshape(canvas.height, canvas.width, 3).permute(2, 0, 1).contiguous().to(picture.device)
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:

@@ -45,10 +45,11 @@ def test_logs_images_and_scalars_to_tensorboard(tmp_path):
         steps = [event.step for event in acc.Images(tag)]
         assert steps == [0, 2, 4, 6]
         picture = Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string))
-        # Two rows (inputs, overlays) of four 32-px tiles with 2-px padding.
-        assert picture.size == (4 * 34 + 2, 2 * 34 + 2)
+        # Two rows (inputs, overlays) of four 32-px tiles with 2-px padding, and a band naming the rows.
+        assert picture.size[1] == 2 * 34 + 2 and picture.size[0] > 4 * 34 + 2 + 20
     compare = Image.open(io.BytesIO(acc.Images("saliency/all")[0].encoded_image_string))
-    assert compare.size == (5 * 34 + 2, 4 * 34 + 2)
+    # One row per probe image, input + four methods, under a header row naming the columns.
+    assert compare.size == (5 * 34 + 2, 4 * 34 + 2 + 15)
     scalars = acc.Tags()["scalars"]
     for tag in ("tsm/stability_prev", "mtsm/stability_first", "tsm/entropy", "eigencam/agreement_tsm"):
         assert f"saliency/{tag}" in scalars, tag
@@ -133,7 +134,7 @@ def test_every_n_epochs_and_fit_end(tmp_path):
 
 def test_automatic_layer_discovery_warns_once(tmp_path):
     monitor = SaliencyMonitor(torch.randn(2, 3, 16, 16), every_n_steps=3, num_images=2)
-    with pytest.warns(UserWarning, match="monitoring 'backbone.5'") as record:
+    with pytest.warns(UserWarning, match=r"monitoring 'backbone.5', a 8x8 grid") as record:
         _fit(tmp_path, monitor, logger=False)
     assert sum("monitoring" in str(w.message) for w in record) == 1
 
@@ -166,8 +167,10 @@ def test_resume_keeps_probe_baseline_and_steps(tmp_path):
 
 def test_nan_features_warn_and_skip(tmp_path):
     monitor = SaliencyMonitor(torch.full((2, 3, 16, 16), float("nan")), layer=LAYER, every_n_steps=3, num_images=2)
-    with pytest.warns(RuntimeWarning, match="skipped step 0: FloatingPointError"):
+    with pytest.warns(RuntimeWarning, match="skipped step [036]: FloatingPointError") as record:
         _fit(tmp_path, monitor, logger=False)
+    skipped = [str(w.message).split(":")[0] for w in record if w.category is RuntimeWarning]
+    assert skipped == [f"SaliencyMonitor skipped step {s}" for s in (0, 3, 6)]
     assert monitor.logged_steps == []
 
 

@@ -88,16 +88,16 @@ def test_no_leaks_after_each_run_and_bounded_memory(tmp_path):
 def test_bf16_mixed_precision_gives_finite_maps(tmp_path):
     monitor = SaliencyMonitor(torch.randn(2, 3, 16, 16), layer=LAYER, every_n_steps=2, num_images=2, strict=True)
     maps_seen = []
-    original = monitor.compute
+    original = monitor._maps
 
-    def spy(pl_module):
-        features, maps = original(pl_module)
+    def spy(features):
+        maps = original(features)
         maps_seen.append((features.dtype, maps))
-        return features, maps
+        return maps
 
-    monitor.compute = spy
+    monitor._maps = spy
     _fit(tmp_path, monitor, max_steps=4, precision="bf16-mixed", logger=False)
-    assert len(maps_seen) == 3
+    assert len(maps_seen) == 1 + 3  # the fresh-initialisation reference, then the runs at steps 0, 2, 4
     for dtype, maps in maps_seen:
         assert dtype == torch.float32
         assert all(torch.isfinite(m).all() for m in maps.values())

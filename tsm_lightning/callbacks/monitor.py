@@ -3,12 +3,14 @@
 The callback holds Lightning wiring only: probe building lives in :mod:`tsm_lightning.probe`, layer capture in
 :mod:`tsm_lightning.capture`, the maths in :mod:`tsm_lightning.core`, overlays in :mod:`tsm_lightning.render`.
 The implementation is one mixin, :class:`SaliencyMonitorMixin`, combined with ``lightning.pytorch.Callback``
-here and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pytorch_lightning`.
+here and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pl`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,28 +21,51 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from tsm_lightning.capture import capture, check_feature_map, find_layer, forward_target, get_layer, search_root
+from tsm_lightning.capture import (
+    capture,
+    check_feature_map,
+    choose_layer,
+    forward_target,
+    get_layer,
+    layer_shapes,
+    search_root,
+)
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
-from tsm_lightning.metrics import default_embed_fn, faithfulness_metrics, localization_metrics, map_metrics, summarize
+from tsm_lightning.metrics import (
+    default_embed_fn,
+    effective_rank,
+    embedding_spread,
+    faithfulness_metrics,
+    localization_metrics,
+    map_metrics,
+    pearson,
+    random_maps,
+    summarize,
+)
 from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
 from tsm_lightning.render import (
     COLORMAPS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     denormalize,
-    grid,
+    label,
+    labelled_grid,
     overlay,
     save_png,
     to_uint8,
 )
 from tsm_lightning.rng import preserved_rng
 
-__all__ = ["DEFAULT_EVERY_N_STEPS", "SaliencyMonitor", "SaliencyMonitorMixin"]
+__all__ = ["DEFAULT_EVERY_N_STEPS", "REFERENCE_NAMES", "SaliencyMonitor", "SaliencyMonitorMixin"]
 
 DEFAULT_EVERY_N_STEPS = 200
 """Cadence when neither ``every_n_steps`` nor ``every_n_epochs`` is given."""
 
 ForwardFn = Callable[[Any, Tensor], object]
+
+REFERENCE_NAMES = ("random_map", "chance", "isotropic")
+"""Names of the reference series logged beside the methods' metrics (``saliency/<reference>/<metric>``), plus one
+``fresh_init_<method>`` per method for ``stability_first``: lines a curve is read against."""
 
 
 class SaliencyMonitorMixin:
@@ -54,7 +79,8 @@ class SaliencyMonitorMixin:
         methods: str | Sequence[str] = METHODS,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        num_images: int = 8,
+        num_images: int | None = None,
+        display_images: int = 8,
         image_size: int | None = None,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
@@ -71,6 +97,7 @@ class SaliencyMonitorMixin:
         faithfulness_every_n_runs: int | None = None,
         faithfulness_steps: int = 8,
         embed_fn: Callable[[Tensor], Tensor] | None = None,
+        stability_reference: bool = True,
         seed: int = 0,
         strict: bool = False,
     ) -> None:
@@ -80,14 +107,18 @@ class SaliencyMonitorMixin:
             probe: the fixed probe: a ``(B, 3, H, W)`` tensor (normalised as the model expects), a ``Dataset``, a
                 ``DataLoader``, a path to an image folder, or ``None`` to take the first ``num_images`` samples of
                 the datamodule's validation data, else of the training data. Nested SSL batches are unwrapped
-                as documented in :mod:`tsm_lightning.probe`.
+                as documented in :mod:`tsm_lightning.probe`; masks that come with augmented views are never used
+                (the probe is drawn without augmentation where the dataset allows, else localization is skipped).
             layer: dotted module name relative to the LightningModule, e.g. ``"backbone.7"``; ``None`` picks the
                 last layer with a spatial map (searched in ``pl_module.backbone`` when it exists) and warns once.
             methods: any of :data:`~tsm_lightning.METHODS`.
             every_n_steps: run every this many optimizer steps.
             every_n_epochs: run at the end of every this many epochs. Give at most one of the two; with neither,
                 ``every_n_steps=200``.
-            num_images: probe images logged and analysed.
+            num_images: probe images analysed. ``None``: a tensor probe is used whole, and from data the first 8
+                samples are drawn (all of them if there are fewer). Metrics are averaged over every probe image, so
+                a larger probe (128 images, say) gives smoother curves at little cost.
+            display_images: how many of the probe images the overlays show (the first ones).
             image_size: side of each overlay tile; default the probe's own size.
             mean: per-channel mean of the input normalisation, undone for display (ImageNet's by default, as
                 lightly uses); ``None`` if the inputs are not normalised.
@@ -114,7 +145,13 @@ class SaliencyMonitorMixin:
             faithfulness_steps: steps of the deletion/insertion curves.
             embed_fn: ``embed_fn(images) -> (B, D)`` embedding for the faithfulness metrics; default: the monitored
                 forward's output (the pooled backbone output for ``"backbone.*"`` layers), flattened.
-            seed: seed for augmentations applied while the probe is drawn from a dataset.
+            stability_reference: once, at the first run, compute the maps of an independently initialised copy of
+                the monitored network and log their correlation with the first maps as
+                ``saliency/fresh_init_<method>/stability_first``: the value ``stability_first`` takes when the maps
+                have nothing in common with the first ones but the architecture. Needs the default forward rule
+                (no ``forward_fn``).
+            seed: seed for augmentations applied while the probe is drawn from a dataset, and for the random-map
+                and fresh-initialisation references.
             strict: raise errors that happen inside the monitor during training instead of warning and going on.
         """
         super().__init__()
@@ -127,8 +164,10 @@ class SaliencyMonitorMixin:
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}.")
+        if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
+            raise ValueError(f"num_images must be a positive integer or None, got {num_images!r}.")
+        if not isinstance(display_images, int) or display_images < 1:
+            raise ValueError(f"display_images must be a positive integer, got {display_images!r}.")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
             raise ValueError(f"image_size must be an integer >= 8 or None, got {image_size!r}.")
         if colormap not in COLORMAPS:
@@ -155,6 +194,7 @@ class SaliencyMonitorMixin:
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self.display_images = display_images
         self.image_size = image_size
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
@@ -171,6 +211,7 @@ class SaliencyMonitorMixin:
         self.faithfulness_every_n_runs = faithfulness_every_n_runs
         self.faithfulness_steps = faithfulness_steps
         self.embed_fn = embed_fn
+        self.stability_reference = stability_reference
         self.seed = seed
         self.strict = strict
 
@@ -179,7 +220,10 @@ class SaliencyMonitorMixin:
         self.logged_steps: list[int] = []
         self.first_maps: dict[str, Tensor] | None = None
         self.previous_maps: dict[str, Tensor] | None = None
+        self.references: dict[str, float] = {}
         self._resolved_layer: str | None = layer
+        self._display: tuple[Tensor, Tensor] | None = None
+        self._last_attempted_step: int | None = None
         self._told_samples_per_plugin = False
         self._layout_written = False
 
@@ -267,22 +311,27 @@ class SaliencyMonitorMixin:
         images = self._model_input(pl_module)
         try:
             if self.forward_fn is None and root is not pl_module:
-                name = prefix + find_layer(root, images, warn=False)
+                infos = layer_shapes(root, images)
             else:
-                forward = self.forward_fn or (lambda module, x: module(x))
-                name = find_layer(pl_module, images, lambda _m, x: forward(pl_module, x), warn=False)
+                prefix, forward = "", self.forward_fn or (lambda module, x: module(x))
+                infos = layer_shapes(pl_module, images, lambda _m, x: forward(pl_module, x))
         except (TypeError, RuntimeError) as err:
             raise ValueError(
                 f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
                 "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
             ) from err
+        try:
+            chosen, text = choose_layer([dataclasses.replace(info, name=prefix + info.name) for info in infos])
+        except ValueError as err:
+            raise ValueError(
+                f"SaliencyMonitor found no layer to monitor for probe images {tuple(images.shape)}: {err}"
+            ) from None
         warnings.warn(
-            f"SaliencyMonitor: no layer given, monitoring {name!r} (the last layer with a spatial feature map). "
-            "Pass layer= to choose another.",
+            f"SaliencyMonitor: no layer given, monitoring {text}. Pass layer= to choose another.",
             UserWarning,
             stacklevel=2,
         )
-        return name
+        return chosen.name
 
     def _tell_samples_per_plugin(self, trainer: Any) -> None:
         if self._told_samples_per_plugin or not any(_is_tensorboard(lg) for lg in trainer.loggers):
@@ -310,12 +359,13 @@ class SaliencyMonitorMixin:
             self._run_guarded(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Log the final state once, unless this step was just logged."""
-        if self.log_on_fit_end and trainer.is_global_zero and trainer.global_step != self.last_logged_step:
+        """Log the final state once, unless this step was just logged (or just failed to be)."""
+        if self.log_on_fit_end and trainer.is_global_zero and trainer.global_step != self._last_attempted_step:
             self._run_guarded(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------ one run
     def _run_guarded(self, trainer: Any, pl_module: Any) -> None:
+        self._last_attempted_step = trainer.global_step
         try:
             self.run(trainer, pl_module)
         except Exception as err:
@@ -336,38 +386,51 @@ class SaliencyMonitorMixin:
             images = images.to(param.dtype)  # e.g. precision="bf16-true"
         return images
 
+    def _capture(self, module: Any, layer: str, forward: Callable[[Tensor], object]) -> tuple[Tensor, object]:
+        """Run ``forward`` on the probe with ``layer`` of ``module`` captured: ``(features float32, output)``."""
+        assert self.probe is not None
+        images = self._model_input(module)
+        with preserved_rng(), _autocast_off(images.device), capture(module, layer) as cap:
+            output = forward(images)
+        features = check_feature_map(cap.features, layer).float()
+        if not bool(torch.isfinite(features).all()):
+            raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
+        return features, output
+
+    def _maps(self, features: Tensor) -> dict[str, Tensor]:
+        return saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
+
     def compute(self, pl_module: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
 
         Returns:
-            ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``.
+            ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``, for every probe
+            image.
         """
-        assert self.probe is not None and self._resolved_layer is not None
-        images = self._model_input(pl_module)
-        with (
-            preserved_rng(),
-            _autocast_off(images.device),
-            capture(pl_module, self._resolved_layer) as cap,
-        ):
-            self._forward(pl_module, images)
-        features = check_feature_map(cap.features, self._resolved_layer).float()
-        if not bool(torch.isfinite(features).all()):
-            raise FloatingPointError(f"the features of layer {self._resolved_layer!r} contain NaN or Inf")
-        maps = saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
-        return features, maps
+        features, _ = self._capture_probe(pl_module)
+        return features, self._maps(features)
+
+    def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
+        assert self._resolved_layer is not None
+        return self._capture(pl_module, self._resolved_layer, lambda images: self._forward(pl_module, images))
 
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute and log the maps and metrics for the current step (rank zero only)."""
         step = trainer.global_step
-        features, maps = self.compute(pl_module)
-        images = self._display_images()
-        size = (images.shape[-2], images.shape[-1])
+        features, output = self._capture_probe(pl_module)
+        maps = self._maps(features)
+        inputs, tiles = self._display_tiles()
+        shown = {name: m[: inputs.shape[0]] for name, m in maps.items()}
+        size = (inputs.shape[-2], inputs.shape[-1])
         overlays = {
-            name: overlay(images, upsample_maps(m, size), self.colormap, self.alpha) for name, m in maps.items()
+            name: overlay(inputs, upsample_maps(m, size), self.colormap, self.alpha) for name, m in shown.items()
         }
-        pictures = {f"saliency/{name}": grid([to_uint8(images), tiles]) for name, tiles in overlays.items()}
-        pictures["saliency/all"] = _comparison_grid(images, overlays)
-        scalars = self._scalars(pl_module, features, maps) if self.metrics else {}
+        pictures = {
+            f"saliency/{name}": labelled_grid([tiles, row], row_labels=["input", label(name)])
+            for name, row in overlays.items()
+        }
+        pictures["saliency/all"] = _comparison_grid(tiles, overlays)
+        scalars = self._scalars(pl_module, features, maps, output) if self.metrics else {}
         self._log(trainer, pictures, scalars, step)
         self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
         if self.first_maps is None:
@@ -375,17 +438,20 @@ class SaliencyMonitorMixin:
         self.last_logged_step = step
         self.logged_steps.append(step)
 
-    def _display_images(self) -> Tensor:
+    def _display_tiles(self) -> tuple[Tensor, Tensor]:
+        """The first ``display_images`` probe images in ``[0, 1]`` at tile size, and as uint8 tiles (cached)."""
         assert self.probe is not None
-        images = denormalize(self.probe.images, self.mean, self.std)
-        if self.image_size is not None and images.shape[-1] != self.image_size:
-            images = torch.nn.functional.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            ).clamp(0, 1)
-        return images
+        if self._display is None:
+            images = denormalize(self.probe.images[: self.display_images], self.mean, self.std)
+            if self.image_size is not None and images.shape[-1] != self.image_size:
+                images = torch.nn.functional.interpolate(
+                    images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                ).clamp(0, 1)
+            self._display = images, to_uint8(images)
+        return self._display
 
-    def _scalars(self, pl_module: Any, features: Tensor, maps: dict[str, Tensor]) -> dict[str, float]:
-        """Label-free metrics, averaged over the probe, as ``saliency/<method>/<metric>`` scalars."""
+    def _scalars(self, pl_module: Any, features: Tensor, maps: dict[str, Tensor], output: object) -> dict[str, float]:
+        """Label-free metrics averaged over the probe as ``saliency/<name>/<metric>``, with their references."""
         assert self.probe is not None
         cpu_maps = {name: m.detach().cpu() for name, m in maps.items()}
         per_image = map_metrics(cpu_maps, previous=self.previous_maps, first=self.first_maps, features=features.cpu())
@@ -406,11 +472,39 @@ class SaliencyMonitorMixin:
                 )
             for name, values in faithful.items():
                 per_image.setdefault(name, {}).update(values)
-        return {
+        scalars = {
             f"saliency/{name}/{metric}": value
             for name, metric_values in summarize(per_image).items()
             for metric, value in metric_values.items()
             if math.isfinite(value)
+        }
+        scalars.update(_collapse_scalars(output))
+        if self.first_maps is None and self.stability_reference:
+            self.references.update(self._fresh_init_references(pl_module, cpu_maps))
+        if masks is not None and not any(key.startswith("saliency/random_map/") for key in self.references):
+            self.references.update(_localization_references(masks.cpu(), self.seed))
+        scalars.update({key: value for key, value in self.references.items() if math.isfinite(value)})
+        return scalars
+
+    def _fresh_init_references(self, pl_module: Any, first: dict[str, Tensor]) -> dict[str, float]:
+        """``stability_first`` of an independently initialised copy of the monitored network (see ``__init__``)."""
+        assert self._resolved_layer is not None
+        layer = self._resolved_layer
+        target = forward_target(pl_module, layer)
+        if self.forward_fn is not None or target is pl_module:
+            return {}
+        fresh = copy.deepcopy(target)
+        with preserved_rng(self.seed + 1):
+            for module in fresh.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh)
+        del fresh
+        maps = {name: m.detach().cpu() for name, m in self._maps(features).items()}
+        return {
+            f"saliency/fresh_init_{name}/stability_first": float(pearson(maps[name], first[name]).nanmean())
+            for name in maps
         }
 
     # ------------------------------------------------------------------------------------------------ logging
@@ -455,17 +549,21 @@ class SaliencyMonitorMixin:
             "logged_steps": list(self.logged_steps),
             "first_maps": self.first_maps,
             "previous_maps": self.previous_maps,
+            "references": dict(self.references),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the probe, layer, step bookkeeping and drift baselines saved by :meth:`state_dict`."""
         if state_dict.get("probe_images") is not None:
             self.probe = Probe(state_dict["probe_images"], state_dict.get("probe_masks"))
+            self._display = None
         self._resolved_layer = state_dict.get("layer") or self._resolved_layer
         self.last_logged_step = state_dict.get("last_logged_step")
+        self._last_attempted_step = self.last_logged_step
         self.logged_steps = list(state_dict.get("logged_steps", []))
         self.first_maps = state_dict.get("first_maps")
         self.previous_maps = state_dict.get("previous_maps")
+        self.references = dict(state_dict.get("references", {}))
 
 
 class SaliencyMonitor(SaliencyMonitorMixin, Callback):
@@ -519,15 +617,41 @@ def _autocast_off(device: torch.device) -> Any:
         yield
 
 
-def _comparison_grid(images: Tensor, overlays: dict[str, Tensor]) -> Tensor:
-    # Columns: input, then each method; one row per probe image.
-    columns = [to_uint8(images), *overlays.values()]
-    rows = [torch.stack([col[i] for col in columns]) for i in range(images.shape[0])]
-    return grid(rows)
+def _comparison_grid(tiles: Tensor, overlays: dict[str, Tensor]) -> Tensor:
+    # Columns: input, then each method, named in a header row; one row per probe image.
+    columns = [tiles, *overlays.values()]
+    rows = [torch.stack([col[i] for col in columns]) for i in range(tiles.shape[0])]
+    return labelled_grid(rows, column_labels=["input", *(label(name) for name in overlays)])
+
+
+def _localization_references(masks: Tensor, seed: int) -> dict[str, float]:
+    """Localization of a fixed random map, and chance (a uniformly random pixel / a uniform map): mask area."""
+    random = summarize({"random_map": localization_metrics(random_maps(masks.float(), seed=seed), masks)})
+    scalars = {f"saliency/random_map/{metric}": value for metric, value in random["random_map"].items()}
+    area = masks.flatten(1).float().mean(dim=1)
+    area = float(area[area > 0].mean()) if bool((area > 0).any()) else math.nan
+    scalars["saliency/chance/pointing_game"] = area
+    scalars["saliency/chance/energy_in_mask"] = area
+    return scalars
+
+
+def _collapse_scalars(output: object) -> dict[str, float]:
+    """Collapse indicators of the monitored forward's output, beside those of isotropic Gaussian embeddings."""
+    if not isinstance(output, Tensor) or output.ndim < 2 or output.shape[0] < 2 or not output.is_floating_point():
+        return {}
+    embeddings = output.detach().flatten(1).float().cpu()
+    isotropic = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(0))
+    return {
+        "saliency/embedding/spread": float(embedding_spread(embeddings)),
+        "saliency/embedding/effective_rank": float(effective_rank(embeddings)),
+        "saliency/isotropic/spread": float(embedding_spread(isotropic)),
+        "saliency/isotropic/effective_rank": float(effective_rank(isotropic)),
+    }
 
 
 def _custom_scalars_layout(scalars: dict[str, float]) -> dict[str, dict[str, list]]:
-    # One TensorBoard "Custom Scalars" chart per metric, with a line per method: methods compared at a glance.
+    # One TensorBoard "Custom Scalars" chart per metric, with a line per method and per reference (random map,
+    # chance, fresh initialisation, isotropic embedding): curves are read against their references at a glance.
     by_metric: dict[str, list[str]] = {}
     for tag in scalars:
         metric = tag.split("/", 2)[2]

@@ -242,6 +242,14 @@ class SyntheticShapes(Dataset):
         masks = torch.stack([p[1] for p in pairs])
         return (_normalize(images) if normalize else images), masks
 
+    def without_augmentation(self) -> SyntheticShapes:
+        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
+
+        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
+        to an augmented view (cropped, flipped) does not describe that view.
+        """
+        return SyntheticShapes(self.num_samples, self.image_size, self.seed, None, normalize=True)
+
     def held_out(self, num_samples: int = 256) -> SyntheticShapes:
         """Return the held-out evaluation set for this dataset: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
 
