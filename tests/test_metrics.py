@@ -15,9 +15,11 @@ from tsm_lightning.metrics import (
     default_embed_fn,
     deletion_auc,
     deletion_curve,
+    effective_rank,
     embedding_drop,
     embedding_gain,
     embedding_increase,
+    embedding_spread,
     energy_in_mask,
     faithfulness_metrics,
     gini,
@@ -548,3 +550,17 @@ def test_metrics_on_cuda_match_cpu():
         for key, value in metrics.items():
             assert gpu[method][key].device.type == "cuda"
             assert torch.allclose(gpu[method][key].cpu(), value, atol=1e-4), (method, key)
+
+
+def test_collapse_indicators_known_values():
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.ones(16, 8) + 1e-9 * torch.randn(16, 8, generator=g)
+    assert float(embedding_spread(collapsed)) < 1e-6
+    isotropic = torch.randn(4096, 8, generator=g)
+    assert float(embedding_spread(isotropic)) == pytest.approx(8**-0.5, rel=0.05)
+    line = torch.randn(32, 1, generator=g) * torch.randn(1, 8, generator=g)  # rank one: a line through 0
+    assert float(effective_rank(line)) == pytest.approx(1.0, abs=1e-3)
+    assert 7.5 < float(effective_rank(isotropic)) <= 8.0
+    assert float(effective_rank(torch.ones(5, 3))) == 0.0
+    with pytest.raises(ValueError, match=r"\(n, D\)"):
+        effective_rank(torch.ones(3))

@@ -1,8 +1,10 @@
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms.functional import pil_to_tensor
 
-from tsm_lightning.probe import build_probe, unwrap_batch
+from tsm_lightning.data import SyntheticShapes
+from tsm_lightning.probe import DEFAULT_NUM_IMAGES, build_probe, unwrap_batch
 
 
 def test_unwrap_rules():
@@ -41,17 +43,41 @@ def test_probe_fn_and_masks():
 @pytest.mark.parametrize(
     ("source", "kwargs", "match"),
     [
-        (torch.randn(2, 3, 4, 4), {}, "holds 2 images"),
+        (torch.randn(2, 3, 4, 4), {"num_images": 4}, "holds 2 images"),
         (torch.randn(5, 4, 4, 4), {}, r"\(B, 3, H, W\)"),
         (torch.zeros(5, 3, 4, 4, dtype=torch.uint8), {}, "floating point"),
         (torch.randn(5, 3, 4, 4), {"masks": torch.ones(5, 3, 3)}, "masks must have shape"),
         (TensorDataset(torch.randn(0, 3, 4, 4)), {}, "empty"),
-        (TensorDataset(torch.randn(2, 3, 4, 4)), {}, "only 2 images"),
+        (TensorDataset(torch.randn(2, 3, 4, 4)), {"num_images": 4}, "only 2 images"),
+        (torch.randn(2, 3, 4, 4), {"num_images": 0}, "positive integer"),
     ],
 )
 def test_bad_probes(source, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        build_probe(source, 4, **kwargs)
+        build_probe(source, **kwargs)
+
+
+def test_explicit_sources_are_used_whole_and_data_is_capped_at_the_default():
+    assert build_probe(torch.randn(4, 3, 4, 4)).images.shape[0] == 4  # smaller than the default: whole
+    assert build_probe(torch.randn(20, 3, 4, 4)).images.shape[0] == 20  # a tensor is never cut unasked
+    assert build_probe(torch.randn(20, 3, 4, 4), 5).images.shape[0] == 5
+    assert build_probe(TensorDataset(torch.randn(5, 3, 4, 4))).images.shape[0] == 5
+    assert build_probe(TensorDataset(torch.randn(30, 3, 4, 4))).images.shape[0] == DEFAULT_NUM_IMAGES
+    assert build_probe(DataLoader(TensorDataset(torch.randn(30, 3, 4, 4)), batch_size=7), 16).images.shape[0] == 16
+
+
+def test_masks_of_a_deterministic_dataset_are_kept():
+    shapes = SyntheticShapes(6, image_size=16, seed=3)
+    probe = build_probe(shapes)
+    images, masks = shapes.probe(6)
+    assert torch.equal(probe.images, images) and torch.equal(probe.masks, masks)
+
+
+def test_synthetic_shapes_with_an_augmenting_transform_give_a_plain_probe():
+    flip = lambda pil: pil_to_tensor(pil.transpose(0) if torch.rand(()) < 0.5 else pil).float() / 255  # noqa: E731
+    probe = build_probe(SyntheticShapes(6, image_size=16, seed=3, transform=flip))
+    images, masks = SyntheticShapes(6, image_size=16, seed=3).probe(6)
+    assert torch.equal(probe.images, images) and torch.equal(probe.masks, masks)
 
 
 def test_unsupported_source():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tsm_lightning.render import COLORMAPS, apply_colormap, denormalize, grid, overlay, save_png
+from tsm_lightning.render import COLORMAPS, apply_colormap, denormalize, grid, label, labelled_grid, overlay, save_png
 
 
 def test_colormap_endpoints_and_shape():
@@ -56,3 +56,26 @@ def test_to_uint8_rounds_and_clips():
 
     out = to_uint8(torch.tensor([-0.5, 0.0, 0.5, 1.0, 2.0]))
     assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 255, 255]
+
+
+def test_labelled_grid_writes_labels_above_columns_and_left_of_rows():
+    tiles = torch.full((3, 3, 40, 60), 128, dtype=torch.uint8)
+    plain = grid([tiles, tiles])
+    out = labelled_grid([tiles, tiles], column_labels=["input", "TSM", "MTSM"], row_labels=["a", "bb"])
+    band = out.shape[2] - plain.shape[2]
+    assert out.shape[1] == plain.shape[1] + 15 and band > 0
+    assert torch.equal(out[:, 15:, band:], plain)  # the grid itself is untouched
+    header = out[:, :15, band:].min(dim=0).values  # dark pixels are text
+    for j in range(3):
+        column = header[:, 2 + j * 62 : 2 + j * 62 + 60]
+        assert (column < 100).any(), f"no label above column {j}"
+    assert (out[:, 15:, :band].min(dim=0).values < 100).any()
+    with pytest.raises(ValueError, match="column_labels needs 3"):
+        labelled_grid([tiles], column_labels=["x"])
+
+
+def test_long_labels_are_shortened_to_their_tile():
+    tiles = torch.zeros(2, 3, 20, 30, dtype=torch.uint8)
+    out = labelled_grid([tiles], column_labels=["a very long checkpoint name.ckpt", "b"])
+    assert out.shape == (3, 24 + 15, 66)
+    assert label("multivec_eigencam") == "MV-EigenCAM" and label("custom") == "custom"

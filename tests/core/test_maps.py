@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blob_features
-from reference import eigencam_up_to_sign_error, multivec_eigencam_reference, tensorly_tsm_mtsm
+from reference import eigencam_up_to_sign_error, multivec_eigencam_reference, signed_eigencam, tensorly_tsm_mtsm
 
 from tsm_lightning import METHODS, eigencam, mtsm, multivec_eigencam, saliency_maps, tsm
 from tsm_lightning.core import normalize_maps
@@ -73,6 +73,21 @@ def test_raw_maps_are_in_feature_units():
     # TSM is the norm of the first projection: its energy equals the top singular value squared.
     s1 = torch.linalg.svdvals(feats.reshape(2, 30, 25).double())[:, 0]
     assert torch.allclose(tsm(feats).double().pow(2).sum(dim=(1, 2)), s1**2, rtol=1e-4)
+
+
+def test_eigencam_sign_rule_on_many_random_maps():
+    # The raw SVD sign is arbitrary: without the rule about half of these maps would come out inverted.
+    feats = torch.randn(64, 12, 5, 5) + torch.rand(64, 12, 1, 1)
+    got = saliency_maps(feats, "eigencam")["eigencam"].double().numpy()
+    assert np.abs(got - signed_eigencam(feats)).max() <= 1e-4
+
+
+def test_maps_are_computed_in_full_precision_inside_autocast():
+    feats = torch.randn(4, 64, 7, 7)
+    plain = saliency_maps(feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = saliency_maps(feats)
+    assert all(torch.equal(plain[name], mixed[name]) for name in plain)
 
 
 def test_eigencam_sign_follows_channel_sum():

@@ -31,6 +31,7 @@ from tsm_lightning.capture import (
     search_root,
 )
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.metrics import (
     default_embed_fn,
     effective_rank,
@@ -63,7 +64,7 @@ DEFAULT_EVERY_N_STEPS = 200
 
 ForwardFn = Callable[[Any, Tensor], object]
 
-REFERENCE_NAMES = ("random_map", "chance", "isotropic")
+REFERENCE_NAMES = ("random", "chance", "isotropic")
 """Names of the reference series logged beside the methods' metrics (``saliency/<reference>/<metric>``), plus one
 ``fresh_init_<method>`` per method for ``stability_first``: lines a curve is read against."""
 
@@ -390,7 +391,7 @@ class SaliencyMonitorMixin:
         """Run ``forward`` on the probe with ``layer`` of ``module`` captured: ``(features float32, output)``."""
         assert self.probe is not None
         images = self._model_input(module)
-        with preserved_rng(), _autocast_off(images.device), capture(module, layer) as cap:
+        with preserved_rng(), autocast_off(images.device), capture(module, layer) as cap:
             output = forward(images)
         features = check_feature_map(cap.features, layer).float()
         if not bool(torch.isfinite(features).all()):
@@ -466,7 +467,7 @@ class SaliencyMonitorMixin:
             embed = self.embed_fn or default_embed_fn(pl_module, forward_fn=self._forward)
             images = self._model_input(pl_module)
             size = (images.shape[-2], images.shape[-1])
-            with preserved_rng(), _autocast_off(images.device):
+            with preserved_rng(), autocast_off(images.device):
                 faithful = faithfulness_metrics(
                     embed, images, {n: upsample_maps(m, size) for n, m in maps.items()}, steps=self.faithfulness_steps
                 )
@@ -481,7 +482,7 @@ class SaliencyMonitorMixin:
         scalars.update(_collapse_scalars(output))
         if self.first_maps is None and self.stability_reference:
             self.references.update(self._fresh_init_references(pl_module, cpu_maps))
-        if masks is not None and not any(key.startswith("saliency/random_map/") for key in self.references):
+        if masks is not None and not any(key.startswith("saliency/random/") for key in self.references):
             self.references.update(_localization_references(masks.cpu(), self.seed))
         scalars.update({key: value for key, value in self.references.items() if math.isfinite(value)})
         return scalars
@@ -608,15 +609,6 @@ def _is_tensorboard(logger: Any) -> bool:
     return experiment is not None and hasattr(experiment, "add_image")
 
 
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Any:
-    if device.type in ("cpu", "cuda", "mps", "xpu"):
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    else:
-        yield
-
-
 def _comparison_grid(tiles: Tensor, overlays: dict[str, Tensor]) -> Tensor:
     # Columns: input, then each method, named in a header row; one row per probe image.
     columns = [tiles, *overlays.values()]
@@ -626,8 +618,8 @@ def _comparison_grid(tiles: Tensor, overlays: dict[str, Tensor]) -> Tensor:
 
 def _localization_references(masks: Tensor, seed: int) -> dict[str, float]:
     """Localization of a fixed random map, and chance (a uniformly random pixel / a uniform map): mask area."""
-    random = summarize({"random_map": localization_metrics(random_maps(masks.float(), seed=seed), masks)})
-    scalars = {f"saliency/random_map/{metric}": value for metric, value in random["random_map"].items()}
+    random = summarize({"random": localization_metrics(random_maps(masks.float(), seed=seed), masks)})
+    scalars = {f"saliency/random/{metric}": value for metric, value in random["random"].items()}
     area = masks.flatten(1).float().mean(dim=1)
     area = float(area[area > 0].mean()) if bool((area > 0).any()) else math.nan
     scalars["saliency/chance/pointing_game"] = area

@@ -18,14 +18,32 @@ batched float64 ``torch.linalg.eigh``. No Python loop runs over images.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Decomposition", "Spectrum", "decompose", "gram_dtype_for", "validate_features"]
+__all__ = ["Decomposition", "Spectrum", "autocast_off", "decompose", "gram_dtype_for", "validate_features"]
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device) -> Iterator[None]:
+    """Disable autocast for ``device``'s type inside the block (a no-op for device types autocast does not know).
+
+    Under autocast a ``bmm`` runs in bf16/fp16 whatever its inputs, which would silently degrade the Gram matrix;
+    features computed under autocast are half precision too.
+    """
+    if device.type in _AUTOCAST_DEVICES:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,11 @@ def decompose(
     validate_features(features)
     if num_components is not None and num_components < 1:
         raise ValueError(f"num_components must be a positive integer or None, got {num_components}.")
+    with autocast_off(features.device):
+        return _decompose(features, uncentred, centred, num_components)
+
+
+def _decompose(features: Tensor, uncentred: bool, centred: bool, num_components: int | None) -> Decomposition:
     bsz, c, h, w = features.shape
     n = h * w
     m = min(c, n)
