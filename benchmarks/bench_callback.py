@@ -128,16 +128,24 @@ class TimedMonitor(SaliencyMonitor):
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         self._timed(super().on_train_end, *args, **kwargs)
 
-    def compute(self, pl_module: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
         start = time.perf_counter()
-        out = super().compute(pl_module)
-        self.compute_times.append(time.perf_counter() - start)
+        out = super()._capture_probe(pl_module)
+        self._compute_time += time.perf_counter() - start
+        return out
+
+    def _maps(self, features: Tensor) -> dict[str, Tensor]:
+        start = time.perf_counter()
+        out = super()._maps(features)
+        self._compute_time += time.perf_counter() - start
         return out
 
     def run(self, trainer: Any, pl_module: Any) -> None:
+        self._compute_time = 0.0  # probe forward and maps of this run (the first run's fresh-init reference too)
         start = time.perf_counter()
         super().run(trainer, pl_module)
         self.run_times.append(time.perf_counter() - start)
+        self.compute_times.append(self._compute_time)
 
 
 class StepClock(Callback):

@@ -168,8 +168,8 @@ def saliency_maps(
         >>> import torch
         >>> from tsm_lightning import saliency_maps
         >>> maps = saliency_maps(torch.randn(8, 512, 7, 7))
-        >>> sorted(maps), tuple(maps["tsm"].shape)
-        (['eigencam', 'multivec_eigencam', 'mtsm', 'tsm'], (8, 7, 7))
+        >>> list(maps), tuple(maps["tsm"].shape)
+        (['eigencam', 'tsm', 'multivec_eigencam', 'mtsm'], (8, 7, 7))
     """
     methods = validate_methods(methods)
     _validate_weighting(weighting)
