@@ -7,6 +7,17 @@
   ``(N, C)`` matrix per image) followed by its ReLU and min-max scaling; the sign is not fixed.
 * :func:`numpy_multivec_eigencam`: Multivec-EigenCAM with a numpy SVD per image (accuracy reference only).
 
+Variants for the method study (``localization.py``), kept here and out of the library API:
+
+* :func:`authors_code_tsm`: TSM as the authors' published code computes it, as we read that code (see
+  ``../shared/DESIGN.md``): the per-image full-rank Tucker channel factors ``A1`` are stacked into ``(B, C, C)``
+  and ``[:, 0]`` is taken, i.e. the first **row** of each ``A1`` (``A1[0, :]``) instead of its first column
+  (``A1[:, 0] = u_1``, the paper's text). The map is ``|sum_k F[k] A1[0, k]|``. Its value depends on the SVD's sign
+  convention (tensorly flips signs so that each column's largest entry is positive), because the sign of every
+  component enters the sum.
+* :func:`mtsm_abs_after_sum`: the other reading of MTSM, ``|sum_k s_k P_k| / sum_k s_k`` (absolute value after
+  the weighted sum), with tensorly's factors and signs; the library computes ``sum_k s_k |P_k| / sum_k s_k``.
+
 Nothing here imports :mod:`tsm_lightning`; the maps are returned as numpy arrays, min-max normalised.
 """
 
@@ -18,7 +29,15 @@ import numpy as np
 import tensorly as tl
 from tensorly.decomposition import tucker
 
-__all__ = ["gradcam_eigencam", "minmax", "numpy_multivec_eigencam", "paper_tsm_mtsm"]
+__all__ = [
+    "authors_code_tsm",
+    "gradcam_eigencam",
+    "minmax",
+    "mtsm_abs_after_sum",
+    "numpy_multivec_eigencam",
+    "paper_tsm_mtsm",
+    "tucker_factors",
+]
 
 
 def minmax(a: np.ndarray) -> np.ndarray:
@@ -48,6 +67,48 @@ def paper_tsm_mtsm(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             tsm_maps.append(minmax(proj[0]))
             mtsm_maps.append(minmax((norms[:, None, None] * proj).sum(axis=0) / norms.sum()))
     return np.stack(tsm_maps), np.stack(mtsm_maps)
+
+
+def tucker_factors(acts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, the full-rank tensorly Tucker (numpy backend, as the paper runs it): ``(A1, core slice norms)``.
+
+    Args:
+        acts: ``(B, C, h, w)`` activations with ``C <= h * w`` (so that ``A1`` is a well-defined ``C x C`` basis).
+
+    Returns:
+        One ``(A1 (C, C), norms (C,))`` pair per image.
+    """
+    out = []
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Trying to compute SVD", category=UserWarning)
+        for act in acts.astype(np.float64):
+            core, factors = tucker(act, rank=list(act.shape))
+            out.append((factors[0], np.sqrt((core.reshape(core.shape[0], -1) ** 2).sum(axis=1))))
+    return out
+
+
+def authors_code_tsm(acts: np.ndarray) -> np.ndarray:
+    """TSM with the first *row* of each stacked channel factor (the authors' code as we read it; module doc).
+
+    Returns:
+        ``(B, h, w)`` maps, min-max normalised.
+    """
+    stacked = np.stack([a1 for a1, _ in tucker_factors(acts)])  # (B, C, C)
+    rows = stacked[:, 0]  # (B, C): A1[0, :] of each image
+    return np.stack([minmax(np.abs(np.einsum("chw,c->hw", act, row))) for act, row in zip(acts, rows, strict=True)])
+
+
+def mtsm_abs_after_sum(acts: np.ndarray) -> np.ndarray:
+    """``|sum_k s_k P_k| / sum_k s_k`` with ``P_k = sum_c F[c] A1[c, k]`` (tensorly's factors and signs).
+
+    Returns:
+        ``(B, h, w)`` maps, min-max normalised.
+    """
+    out = []
+    for act, (a1, norms) in zip(acts.astype(np.float64), tucker_factors(acts), strict=True):
+        proj = np.einsum("chw,ck->khw", act, a1)
+        out.append(minmax(np.abs((norms[:, None, None] * proj).sum(axis=0)) / norms.sum()))
+    return np.stack(out)
 
 
 def get_2d_projection(activation_batch: np.ndarray) -> np.ndarray:
