@@ -244,6 +244,30 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
         assert img.size == _grid_size(1, 3, tile=64)
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["layer"] == "layer2" and len(meta["rows"]) == 3 * 2
+    assert meta["random_weights"] is False
+
+
+def test_explain_random_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    """--arch without --weights explains the randomly initialised network, and says so everywhere."""
+    args = ["explain", "--arch", "resnet18", "--images", env["images"] / "a.png", "--image-size", TILE,
+            "--methods", "tsm"]  # fmt: skip
+    code, out, err = inproc(*args, "--out", tmp_path / "r1")
+    assert code == 0, err
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "random" in warnings_[0] and "--weights" in warnings_[0], err
+    assert "random weights" in out.splitlines()[0]
+    meta = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert meta["random_weights"] is True and "random weights" in meta["model"]
+    assert meta["layer"] == "layer1"  # 8x8 at 32 px
+    # The initialisation is seeded: two runs give the same numbers.
+    assert inproc(*args, "--out", tmp_path / "r2")[0] == 0
+    assert _rows(tmp_path / "r1" / "metrics.csv") == _rows(tmp_path / "r2" / "metrics.csv")
+    # The same for a LightningModule class without a checkpoint.
+    code, out, err = inproc("explain", "--model", "tinymod:Tiny", "--images", env["images"] / "a.png",
+                            "--out", tmp_path / "r3", "--image-size", TILE, "--methods", "tsm")  # fmt: skip
+    assert code == 0, err
+    assert "warning: no weights given" in err and "a CHECKPOINT" in err
+    assert json.loads((tmp_path / "r3" / "metrics.json").read_text())["random_weights"] is True
 
 
 @pytest.mark.parametrize(
@@ -257,7 +281,8 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
         ("missing_attr", "has no attribute 'Nope'"),
         ("no_class", "pass --model PKG.MODULE:CLASS"),
         ("unknown_arch", "unknown --arch 'resnet181'"),
-        ("arch_without_weights", "needs --weights"),
+        ("compare_without_checkpoints", "CHECKPOINT"),
+        ("random_weights_bad_layer", "--layer"),
         ("wrong_weights", "does not fit --arch resnet50"),
         ("no_images", "no such file or folder"),
         ("empty_folder", "no readable image files"),
@@ -281,7 +306,8 @@ def test_user_errors(env: dict[str, Path], tmp_path: Path, inproc, case: str, ex
         "missing_attr": ["explain", env["ckpt1"], "--model", "tinymod:Nope", *base],
         "no_class": ["explain", env["ckpt1"], *base],
         "unknown_arch": ["explain", "--arch", "resnet181", "--weights", env["weights"], *base],
-        "arch_without_weights": ["explain", "--arch", "resnet18", *base],
+        "compare_without_checkpoints": ["compare", "--arch", "resnet18", *base],
+        "random_weights_bad_layer": ["explain", "--arch", "resnet18", *base, "--layer", "layer9"],
         "wrong_weights": ["explain", "--arch", "resnet50", "--weights", env["weights"], *base],
         "no_images": ["explain", *tiny, "--images", tmp_path / "missing", "--out", tmp_path / "o"],
         "empty_folder": ["explain", *tiny, "--images", env["root"] / "empty", "--out", tmp_path / "o"],

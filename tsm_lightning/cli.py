@@ -10,7 +10,8 @@ Subcommands:
 
 Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
 checkpoint's hyper-parameters as LightningCLI saves them) or from a torchvision architecture and a plain
-``state_dict`` (``--arch resnet50 --weights FILE``).
+``state_dict`` (``--arch resnet50 --weights FILE``). ``explain`` and ``layers`` also accept ``--arch`` (or
+``--model``) without weights: the network keeps a seeded random initialisation, with a warning, and the outputs say so.
 
 User mistakes end with a one-line ``error: ...`` on stderr and exit status 2; set ``TSM_LIGHTNING_DEBUG=1`` to see
 the traceback instead.
@@ -40,6 +41,9 @@ MANIFEST = ".tsm-lightning.json"
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
 _HPARAM_CLASS_KEYS = ("_class_path", "class_path")
 _MAX_MESSAGE = 400
+RANDOM_SEED = 0
+"""Seed of the initialisation explained when no weights are given (so that such runs are reproducible)."""
+_RANDOM = f"random weights, seed {RANDOM_SEED}"
 
 
 class CLIError(Exception):
@@ -79,11 +83,13 @@ class Loaded:
         model: the network, in eval mode on the device.
         source: what it was loaded from, for messages and outputs.
         lightning: whether layer names follow the LightningModule rule (``backbone.*`` runs ``model.backbone``).
+        random_weights: whether no weights were loaded (the seeded initialisation of the class or architecture).
     """
 
     model: Any
     source: str
     lightning: bool
+    random_weights: bool = False
 
     def target(self, layer: str) -> Any:
         """The module whose forward runs for ``layer``.
@@ -219,9 +225,12 @@ def _arch_names() -> list[str]:
 
 
 def _build_arch(arch: str) -> Any:
+    """The torchvision architecture ``arch``, initialised with seed :data:`RANDOM_SEED` (global RNGs untouched)."""
     import difflib
 
     import torchvision
+
+    from tsm_lightning.rng import preserved_rng
 
     names = _arch_names()
     if arch not in names:
@@ -230,7 +239,8 @@ def _build_arch(arch: str) -> Any:
         raise CLIError(
             f"unknown --arch {arch!r}.{hint} Valid names are torchvision classification models, e.g. resnet50"
         )
-    return torchvision.models.get_model(arch, weights=None)
+    with preserved_rng(RANDOM_SEED):
+        return torchvision.models.get_model(arch, weights=None)
 
 
 def _match_state_dict(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
@@ -251,11 +261,14 @@ def _match_state_dict(state: dict[str, Any], expected: set[str]) -> dict[str, An
 
 
 def load_arch(arch: str, weights: str | None, device: str, *, required: bool = True) -> Loaded:
-    """Build a torchvision architecture and load a plain ``state_dict`` (or a checkpoint holding one)."""
+    """Build a torchvision architecture and load a plain ``state_dict`` (or a checkpoint holding one).
+
+    Without ``weights`` (allowed when not ``required``) the network keeps its seeded random initialisation.
+    """
     import torch
 
     model = _build_arch(arch)
-    source = f"{arch} (random weights)"
+    source = f"{arch} ({_RANDOM})"
     if weights is not None or required:
         if weights is None:
             raise CLIError(f"--arch {arch} needs --weights FILE (a state_dict saved with torch.save)")
@@ -282,11 +295,15 @@ def load_arch(arch: str, weights: str | None, device: str, *, required: bool = T
             _progress(f"note: ignored {ignored} key(s) of {path.name} that {arch} does not have")
         source = f"{arch} {path}"
     model.to(device).eval()
-    return Loaded(model, source, lightning=False)
+    return Loaded(model, source, lightning=False, random_weights=weights is None)
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
-    """Load one model from the common options."""
+    """Load one model from the common options.
+
+    With ``required=False`` a missing checkpoint / ``--weights`` is allowed: ``--arch`` or ``--model`` is then built
+    with its seeded random initialisation (``Loaded.random_weights``).
+    """
     if args.arch:
         if args.model:
             raise CLIError("pass either --model (Lightning checkpoint) or --arch (torchvision state_dict), not both")
@@ -298,14 +315,18 @@ def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bo
         raise CLIError("--weights needs --arch NAME (the torchvision architecture of the state_dict)")
     if checkpoint is None:
         if args.model and not required:
+            from tsm_lightning.rng import preserved_rng
+
             cls = _import_class(args.model)
             try:
-                model = cls()
+                with preserved_rng(RANDOM_SEED):
+                    model = cls()
             except Exception as err:
                 raise CLIError(
                     f"cannot build {args.model} without arguments ({_one_line(err)}); pass a checkpoint"
                 ) from err
-            return Loaded(model.to(args.device).eval(), f"{args.model} (random weights)", lightning=True)
+            source = f"{args.model} ({_RANDOM})"
+            return Loaded(model.to(args.device).eval(), source, lightning=True, random_weights=True)
         raise CLIError("pass a CHECKPOINT (with --model PKG.MODULE:CLASS if needed) or --arch NAME --weights FILE")
     return load_lightning(checkpoint, args.model, args.device)
 
@@ -514,8 +535,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     out = OutputDir(args.out, args.force)
     images, files, skipped = _load_inputs(args)
-    loaded = load_model(args, args.checkpoint)
+    loaded = load_model(args, args.checkpoint, required=False)
     layer = _resolve_layer(loaded, args.layer, images[:1].to(device))
+    if loaded.random_weights:  # after every check, so that a user mistake still gives one line
+        trained = "--weights FILE" if args.arch else "a CHECKPOINT"
+        _progress(
+            f"warning: no weights given: explaining {loaded.source}; the maps show the untrained network, not a "
+            f"trained model. Pass {trained} to explain trained weights."
+        )
     maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
 
     inputs = _input_tiles(images)
@@ -546,6 +573,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "tool": PROG,
         "command": "explain",
         "model": loaded.source,
+        "random_weights": loaded.random_weights,
         "layer": layer,
         "methods": list(methods),
         "image_size": args.image_size,
@@ -752,10 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/\n"
             f"  {PROG} explain --arch resnet50 --weights backbone.pth --images 'data/*.jpg' --out maps/ "
             "--methods tsm mtsm"
+            f"\n  {PROG} explain --arch resnet18 --images photos/ --out try/   # random weights, to try the tool"
         ),
         formatter_class=fmt,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="Lightning checkpoint (or --arch weights)")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        metavar="CHECKPOINT",
+        help="Lightning checkpoint (or --arch weights); without one, --arch / --model keep random weights",
+    )
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
