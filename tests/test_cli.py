@@ -6,10 +6,12 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -52,12 +54,38 @@ class Other(LightningModule):
 """
 
 TILE = 32
+SHOWN = 128  # pictures enlarge tiles under 128 px by a whole factor, so that their labels fit: 32 px -> 4x
 PAD = 2  # render.grid default
 
 
-def _grid_size(rows: int, cols: int, tile: int = TILE) -> tuple[int, int]:
+def _grid_size(rows: int, cols: int, tile: int = SHOWN) -> tuple[int, int]:
     """(width, height) of a render.grid picture."""
     return cols * (tile + PAD) + PAD, rows * (tile + PAD) + PAD
+
+
+def _assert_labelled(
+    path: Path, column_labels: list[str], row_labels: list[str] | None = None, tile: int = SHOWN
+) -> None:
+    """``path`` is a labelled grid of ``tile`` px tiles whose header row and left band carry exactly these labels.
+
+    The bands are compared pixel for pixel with :func:`labelled_grid` drawn over blank tiles: they depend only on the
+    texts and the layout, not on what the tiles show.
+    """
+    from tsm_lightning.render import labelled_grid
+
+    rows = len(row_labels) if row_labels is not None else 1
+    blank = torch.zeros(len(column_labels), 3, tile, tile, dtype=torch.uint8)
+    expected = labelled_grid([blank] * rows, column_labels, row_labels)
+    with Image.open(path) as img:
+        got = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    assert got.shape == expected.shape
+    width, height = _grid_size(rows, len(column_labels), tile)
+    top, left = got.shape[1] - height, got.shape[2] - width
+    assert top > 0 and (got[:, :top] < 128).any()  # a header row with text in it
+    assert torch.equal(got[:, :top], expected[:, :top])
+    assert (left > 0) == (row_labels is not None)
+    if row_labels is not None:
+        assert torch.equal(got[:, :, :left], expected[:, :, :left])
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +177,7 @@ def test_explain_lightning_checkpoint(env: dict[str, Path], tmp_path: Path) -> N
     assert "Traceback" not in res.stderr
     stems = ["a", "b", "c"]
     for stem in stems:
-        with Image.open(out / f"{stem}.png") as img:
-            img.load()
-            assert img.size == _grid_size(1, 1 + len(METHODS))
+        _assert_labelled(out / f"{stem}.png", ["input", "EigenCAM", "TSM", "MV-EigenCAM", "MTSM"])
     rows = _rows(out / "metrics.csv")
     assert len(rows) == len(stems) * len(METHODS)
     assert {(r["image"], r["method"]) for r in rows} == {(s, m) for s in stems for m in METHODS}
@@ -207,19 +233,44 @@ def test_tensorboard_event_file(env: dict[str, Path], tmp_path: Path, inproc) ->
 
 
 def test_compare(env: dict[str, Path], tmp_path: Path) -> None:
+    # Two runs whose checkpoints have the same file name, as ModelCheckpoint's last.ckpt does.
+    ckpts = [tmp_path / run / "version_0" / "checkpoints" / "last.ckpt" for run in ("runA", "runB")]
+    for ckpt, source in zip(ckpts, (env["ckpt1"], env["ckpt2"]), strict=True):
+        ckpt.parent.mkdir(parents=True)
+        shutil.copyfile(source, ckpt)
+    labels = ["runA/…/last.ckpt", "runB/…/last.ckpt"]
     out = tmp_path / "cmp"
-    res = run_cli(env, "compare", env["ckpt1"], env["ckpt2"], "--model", "tinymod:Tiny", "--images", env["images"],
+    res = run_cli(env, "compare", *ckpts, "--model", "tinymod:Tiny", "--images", env["images"],
                   "--out", out, "--image-size", TILE, "--methods", "tsm", "mtsm")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    for stem in ("a", "b", "c"):
-        with Image.open(out / f"{stem}.png") as img:
-            img.load()
-            assert img.size == _grid_size(2, 1 + 2)  # rows = methods; input + one column per checkpoint
+    for stem in ("a", "b", "c"):  # rows = methods; input + one column per checkpoint
+        _assert_labelled(out / f"{stem}.png", ["input", *labels], ["TSM", "MTSM"])
     rows = _rows(out / "stability.csv")
     assert len(rows) == 3 * 2
     assert all(-1.0 <= float(r["pearson"]) <= 1.0 for r in rows)
-    assert {r["from"] for r in rows} == {str(env["ckpt1"])} and {r["to"] for r in rows} == {str(env["ckpt2"])}
+    assert {(r["from"], r["to"]) for r in rows} == {tuple(labels)}
+    assert {(r["from_path"], r["to_path"]) for r in rows} == {(str(ckpts[0]), str(ckpts[1]))}
+    assert f"pearson {labels[0]}->{labels[1]}" in res.stdout
     assert "broken.png" in res.stderr
+
+
+def test_checkpoint_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = cli.checkpoint_labels
+    assert labels(["runs/epoch=0.ckpt", "runs/epoch=9.ckpt"]) == ["epoch=0.ckpt", "epoch=9.ckpt"]
+    same_name = ["runA/version_0/checkpoints/last.ckpt", "runB/version_0/checkpoints/last.ckpt"]
+    assert labels(same_name) == ["runA/…/last.ckpt", "runB/…/last.ckpt"]
+    # Each checkpoint gets its own shortest suffix.
+    mixed = ["lightning_logs/version_0/last.ckpt", "lightning_logs/version_1/last.ckpt", "x/epoch=3.ckpt"]
+    assert labels(mixed) == ["version_0/last.ckpt", "version_1/last.ckpt", "epoch=3.ckpt"]
+    # "…" only where it shortens the label, and never where two checkpoints would share the shortened label.
+    assert labels(["A/m/f", "B/m/f"]) == ["A/m/f", "B/m/f"]
+    assert labels(["A/mm/f", "A/nn/f", "B/mm/f", "C/nn/f"]) == ["A/mm/f", "A/nn/f", "B/…/f", "C/…/f"]
+    # The same file however spelled gets one label; relative and absolute spellings compare as absolute paths.
+    monkeypatch.chdir(tmp_path)
+    assert labels(["x/last.ckpt", "./x/../x/last.ckpt", "y/last.ckpt"]) == ["x/last.ckpt"] * 2 + ["y/last.ckpt"]
+    nested = labels([tmp_path / "run" / "last.ckpt", "../z/run/last.ckpt"])
+    assert nested == [f"{tmp_path.name}/…/last.ckpt", "z/…/last.ckpt"]
+    assert labels(["only.ckpt"]) == ["only.ckpt"]
 
 
 def test_layers(env: dict[str, Path], inproc) -> None:
@@ -240,8 +291,7 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
                   "--out", out, "--image-size", 64, "--methods", "tsm", "eigencam", "--batch-size", 2)  # fmt: skip
     assert code == 0, err
     assert "batch 2/2" in err and "ignored" not in err
-    with Image.open(out / "a.png") as img:
-        assert img.size == _grid_size(1, 3, tile=64)
+    _assert_labelled(out / "a.png", ["input", "TSM", "EigenCAM"])  # 64 px inputs shown at 128 px
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["layer"] == "layer2" and len(meta["rows"]) == 3 * 2
     assert meta["random_weights"] is False

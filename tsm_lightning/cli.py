@@ -2,10 +2,14 @@
 
 Subcommands:
 
-* ``explain``: one PNG per image (input, then one overlay per method), ``metrics.csv`` / ``metrics.json`` with the
-  label-free per-image metrics of :func:`~tsm_lightning.metrics.map_metrics`, and a summary table.
+* ``explain``: one PNG per image (input, then one overlay per method, under a header row naming them),
+  ``metrics.csv`` / ``metrics.json`` with the label-free per-image metrics of
+  :func:`~tsm_lightning.metrics.map_metrics`, and a summary table.
 * ``compare``: the same images explained by several checkpoints (e.g. saved during training); one PNG strip per
-  image and ``stability.csv`` with the Pearson correlation between consecutive checkpoints.
+  image (rows named by method, columns by checkpoint: :func:`checkpoint_labels`) and ``stability.csv`` with the
+  Pearson correlation between consecutive checkpoints, under the same labels.
+
+Pictures show images under 128 px enlarged by a whole factor (nearest neighbour), so that the labels fit.
 * ``layers``: the candidate layers of a model with their output shapes; ``*`` marks the automatic choice.
 
 Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CLIError", "main"]
+__all__ = ["CLIError", "checkpoint_labels", "main"]
 
 PROG = "tsm-lightning"
 MANIFEST = ".tsm-lightning.json"
@@ -44,6 +48,7 @@ _MAX_MESSAGE = 400
 RANDOM_SEED = 0
 """Seed of the initialisation explained when no weights are given (so that such runs are reproducible)."""
 _RANDOM = f"random weights, seed {RANDOM_SEED}"
+_MIN_TILE = 128  # pictures show smaller images enlarged by a whole factor, so that their column labels fit
 
 
 class CLIError(Exception):
@@ -488,7 +493,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
@@ -518,6 +523,52 @@ def _input_tiles(images: Any) -> Any:
     return to_uint8(denormalize(images))
 
 
+def _enlarge(tiles: Any, min_side: int = _MIN_TILE) -> Any:
+    """``(n, 3, h, w)`` uint8 tiles repeated by the smallest whole factor that makes them ``min_side`` px or more.
+
+    Nearest-neighbour, so each input pixel and feature-map cell stays a sharp block; it leaves room for the labels
+    of :func:`~tsm_lightning.render.labelled_grid` over small (e.g. 32 px CIFAR) images.
+    """
+    scale = max(1, math.ceil(min_side / min(tiles.shape[-2:])))
+    return tiles if scale == 1 else tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def checkpoint_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Short labels that tell checkpoints apart: each path's shortest suffix that no other path ends with.
+
+    Paths are compared as absolute, normalised paths (symlinks are not followed), so ``a/last.ckpt`` and
+    ``./a/last.ckpt`` are one file with one label. A suffix of three components or more is shown as its first
+    component, ``…`` and the file name where that is shorter and no other checkpoint gets the same text.
+
+    Args:
+        paths: checkpoint files as given on the command line.
+
+    Returns:
+        One label per path, in order, with ``/`` as separator.
+
+    Examples:
+        >>> checkpoint_labels(["runs/epoch=0.ckpt", "runs/epoch=9.ckpt"])
+        ['epoch=0.ckpt', 'epoch=9.ckpt']
+        >>> checkpoint_labels(["runA/version_0/checkpoints/last.ckpt", "runB/version_0/checkpoints/last.ckpt"])
+        ['runA/…/last.ckpt', 'runB/…/last.ckpt']
+    """
+    parts = [Path(os.path.abspath(os.fspath(p))).parts for p in paths]
+    distinct = set(parts)
+    suffixes = []
+    for p in parts:
+        others = [q for q in distinct if q != p]
+        k = 1
+        while k < len(p) and any(q[-k:] == p[-k:] for q in others):
+            k += 1
+        suffixes.append(p[-k:])
+    full = [Path(*s).as_posix() for s in suffixes]
+    short = [f"{s[0]}/…/{s[-1]}" if len(s) >= 3 and not Path(s[0]).anchor else "" for s in suffixes]
+    owners: dict[str, set[tuple[str, ...]]] = {}
+    for p, text in zip(parts, short, strict=True):
+        owners.setdefault(text, set()).add(p)
+    return [s if s and len(s) < len(f) and len(owners[s]) == 1 else f for s, f in zip(short, full, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,7 +580,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import summarize
-    from tsm_lightning.render import grid, overlay, save_png
+    from tsm_lightning.render import label, labelled_grid, overlay, save_png
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
@@ -550,6 +601,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     pictures: dict[str, Any] = {}
     stems = _stems(files)
+    column_labels = ["input", *(label(m) for m in methods)]
     for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
         tiles = [inputs[i]]
         base = inputs[i : i + 1].float() / 255
@@ -564,7 +616,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
             row.update({k: _float(v[i]) for k, v in features.items()})
             rows.append(row)
-        pictures[stem] = grid([torch.stack(tiles)])
+        pictures[stem] = labelled_grid([_enlarge(torch.stack(tiles))], column_labels)
         save_png(pictures[stem], out.file(f"{stem}.png"))
 
     _write_csv(out.file("metrics.csv"), rows)
@@ -578,6 +630,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "methods": list(methods),
         "image_size": args.image_size,
         "columns": ["input", *methods],
+        "column_labels": column_labels,
         "images": [{"image": s, "path": str(p), "png": f"{s}.png"} for s, p in zip(stems, files, strict=True)],
         "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
         "summary": {m: {k: _float(v) for k, v in d.items()} for m, d in summary.items()},
@@ -618,7 +671,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import pearson
-    from tsm_lightning.render import grid, overlay, save_png
+    from tsm_lightning.render import label, labelled_grid, overlay, save_png
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
@@ -628,15 +681,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     images, files, skipped = _load_inputs(args)
     layer = args.layer
     all_maps: list[dict[str, Any]] = []
-    names: list[str] = []
-    for k, ckpt in enumerate(args.checkpoints):
+    names = checkpoint_labels(args.checkpoints)
+    for k, (ckpt, name) in enumerate(zip(args.checkpoints, names, strict=True)):
         loaded = load_model(args, ckpt)
         layer = _resolve_layer(loaded, layer, images[:1].to(device))
         maps, _ = _run_model(
-            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(args.checkpoints)}] "
+            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(names)} {name}] "
         )
         all_maps.append(maps)
-        names.append(Path(ckpt).name)
         del loaded
 
     inputs = _input_tiles(images)
@@ -648,19 +700,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         strip = []
         for method in methods:
             tiles = [inputs[i]] + [overlay(base, maps[method][i : i + 1])[0] for maps in all_maps]
-            strip.append(torch.stack(tiles))
+            strip.append(_enlarge(torch.stack(tiles)))
             for a in range(len(all_maps) - 1):
                 rows.append(
                     {
                         "image": stem,
                         "path": str(files[i]),
                         "method": method,
-                        "from": args.checkpoints[a],
-                        "to": args.checkpoints[a + 1],
+                        "from": names[a],
+                        "to": names[a + 1],
                         "pearson": _float(corr[(a, method)][i]),
+                        "from_path": str(args.checkpoints[a]),
+                        "to_path": str(args.checkpoints[a + 1]),
                     }
                 )
-        save_png(grid(strip), out.file(f"{stem}.png"))
+        picture = labelled_grid(strip, ["input", *names], [label(m) for m in methods])
+        save_png(picture, out.file(f"{stem}.png"))
     _write_csv(out.file("stability.csv"), rows)
     out.close()
 
@@ -772,8 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="saliency maps and metrics of one checkpoint",
         description=(
-            "Explain images with one model: writes <stem>.png (input, then one overlay per method), metrics.csv and "
-            "metrics.json (one row per image and method), and prints the mean metrics per method."
+            "Explain images with one model: writes <stem>.png (input, then one overlay per method, under a header row "
+            "naming them), metrics.csv and metrics.json (one row per image and method), and prints the mean metrics "
+            "per method."
         ),
         epilog=(
             "examples:\n"
@@ -798,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="maps of several checkpoints side by side, with their stability",
         description=(
             "Explain the same images with each checkpoint: writes <stem>.png (rows = methods, columns = input then "
-            "checkpoints in the given order) and stability.csv (Pearson correlation between consecutive checkpoints)."
+            "checkpoints in the given order, each named by the shortest end of its path that tells it apart) and "
+            "stability.csv (Pearson correlation between consecutive checkpoints, under the same names)."
         ),
         epilog=(
             "example:\n"
