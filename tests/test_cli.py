@@ -210,6 +210,59 @@ def test_output_folder_protection(env: dict[str, Path], tmp_path: Path, inproc) 
     assert [r["method"] for r in rows] == ["tsm", "mtsm"]
 
 
+def test_rerun_removes_previous_outputs(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    """A rerun into a folder the tool owns leaves only its own outputs there, never a file it did not write."""
+    out = tmp_path / "maps"
+    a, b = env["images"] / "a.png", env["images"] / "b.png"
+    opts = ["--model", "tinymod:Tiny", "--image-size", TILE, "--methods", "tsm", "--layer", "backbone.2", "--out", out]
+    code, _, err = inproc("explain", env["ckpt1"], *opts, "--images", a, b, "--tensorboard")
+    assert code == 0, err
+    assert {p.name for p in out.glob("*.png")} == {"a.png", "b.png"} and list(out.glob("events.out.tfevents.*"))
+
+    def listing() -> tuple[set[str], set[str]]:
+        manifest = json.loads((out / cli.MANIFEST).read_text())["files"]
+        return {p.name for p in out.iterdir()} - {cli.MANIFEST}, set(manifest)
+
+    code, _, err = inproc("explain", env["ckpt1"], *opts, "--images", a)
+    assert code == 0, err
+    assert listing() == ({"a.png", "metrics.csv", "metrics.json"},) * 2
+    assert [r["image"] for r in _rows(out / "metrics.csv")] == ["a"]
+    assert "removed 2 file(s)" in err  # b.png and the event file
+    # compare into the folder explain wrote, with a file of the user's: explain's outputs go, the user's stays.
+    (out / "notes.txt").write_text("mine")
+    code, _, err = inproc("compare", env["ckpt1"], env["ckpt2"], *opts, "--images", a, "--force")
+    assert code == 0, err
+    files, listed = listing()
+    assert files == {"a.png", "stability.csv", "notes.txt"} and listed == {"a.png", "stability.csv"}
+    assert (out / "notes.txt").read_text() == "mine"
+    # A manifest naming files outside the folder (edited by hand, say) removes nothing there.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / cli.MANIFEST).write_text(json.dumps({"tool": "tsm-lightning", "files": ["a.png", "../victim.txt"]}))
+    assert inproc("compare", env["ckpt1"], env["ckpt2"], *opts, "--images", a, "--force")[0] == 0
+    assert victim.read_text() == "keep" and listing()[1] == {"a.png", "stability.csv"}
+
+
+def test_failed_run_leaves_no_unlisted_files(
+    env: dict[str, Path], tmp_path: Path, inproc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are listed in the manifest before they are written: after a failure, a rerun needs no --force."""
+    out = tmp_path / "maps"
+    args = ["explain", env["ckpt1"], "--model", "tinymod:Tiny", "--images", env["images"] / "a.png", "--out", out,
+            "--image-size", TILE, "--methods", "tsm"]  # fmt: skip
+
+    def disk_full(*_: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_write_csv", disk_full)
+        code, _, err = inproc(*args)
+    assert code == 2 and "No space left" in err
+    assert (out / "a.png").is_file()
+    code, _, err = inproc(*args)
+    assert code == 0, err
+
+
 def test_class_from_hyperparameters(env: dict[str, Path], tmp_path: Path, inproc) -> None:
     code, _, err = inproc("explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
                             "--image-size", TILE, "--methods", "eigencam")  # fmt: skip

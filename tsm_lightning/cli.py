@@ -42,6 +42,7 @@ __all__ = ["CLIError", "checkpoint_labels", "main"]
 
 PROG = "tsm-lightning"
 MANIFEST = ".tsm-lightning.json"
+_MANIFEST_TMP = MANIFEST + ".tmp"
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
 _HPARAM_CLASS_KEYS = ("_class_path", "class_path")
 _MAX_MESSAGE = 400
@@ -446,7 +447,13 @@ def _stems(paths: Sequence[Path]) -> list[str]:
 
 
 class OutputDir:
-    """An output folder that refuses to overwrite files it did not write (unless ``force``)."""
+    """An output folder that refuses to overwrite files it did not write (unless ``force``).
+
+    The manifest ``.tsm-lightning.json`` lists the files the tool wrote there. Each file is listed before it is
+    written, so that a run that fails halfway leaves no unlisted file behind. :meth:`close` removes the listed files
+    of earlier runs that this run did not rewrite, and lists only this run's: the folder never holds pictures that
+    its ``metrics.csv`` does not describe. Files the tool did not write are never removed, even with ``force``.
+    """
 
     def __init__(self, path: str, force: bool) -> None:
         self.path = Path(path).expanduser()
@@ -456,12 +463,15 @@ class OutputDir:
         manifest = self.path / MANIFEST
         if manifest.is_file():
             try:
-                self.owned = set(json.loads(manifest.read_text()).get("files", []))
+                files = json.loads(manifest.read_text()).get("files", [])
             except (OSError, ValueError, AttributeError):
-                self.owned = set()
+                files = []
+            self.owned = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
         if self.path.is_dir() and not force:
             foreign = sorted(
-                p.name for p in self.path.iterdir() if p.name != MANIFEST and (p.name not in self.owned or p.is_dir())
+                p.name
+                for p in self.path.iterdir()
+                if p.name not in (MANIFEST, _MANIFEST_TMP) and (p.name not in self.owned or p.is_dir())
             )
             if foreign:
                 listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -472,16 +482,59 @@ class OutputDir:
         self.written: list[str] = []
 
     def file(self, name: str) -> Path:
-        """Path of an output file, recorded in the manifest."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.written.append(name)
+        """Path of an output file, listed in the manifest before the caller writes it."""
+        self.adopt(name)
         return self.path / name
 
+    def adopt(self, name: str) -> None:
+        """Record ``name``, a file directly in the folder, as an output of this run (and as the tool's)."""
+        if name not in self.written:
+            self.written.append(name)
+        if name not in self.owned:
+            self.owned.add(name)
+            self._write_manifest(self.owned)
+
     def close(self) -> None:
-        """Write the manifest of the files this tool owns in the folder."""
+        """Remove the earlier runs' files that this run did not rewrite; the manifest then lists this run's files."""
+        current = set(self.written)
+        kept = set(current)
+        rewritten = {_file_id(self.path / name) for name in current} - {None}
+        removed = 0
+        for name in sorted(self.owned - current):
+            path = self.path / name
+            # Only plain names of regular files directly in the folder, and never a file this run wrote under
+            # another spelling (case-insensitive file systems).
+            if not _plain_name(name) or path.is_symlink() or not path.is_file() or _file_id(path) in rewritten:
+                continue
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as err:
+                kept.add(name)
+                _progress(f"warning: could not remove {name} of an earlier run ({_one_line(err)})")
+        self.owned = kept
+        self._write_manifest(kept)
+        if removed:
+            _progress(f"removed {removed} file(s) of an earlier run from {self.path}")
+
+    def _write_manifest(self, files: set[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        files = sorted(self.owned | set(self.written))
-        (self.path / MANIFEST).write_text(json.dumps({"tool": PROG, "files": files}, indent=1) + "\n")
+        tmp = self.path / _MANIFEST_TMP
+        tmp.write_text(json.dumps({"tool": PROG, "files": sorted(files)}, indent=1) + "\n")
+        os.replace(tmp, self.path / MANIFEST)
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` names an entry directly inside a folder (no separator, not ``.``/``..``, not the manifest)."""
+    return name not in ("", ".", "..", MANIFEST, _MANIFEST_TMP) and Path(name).name == name and "/" not in name
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _float(value: Any) -> float | None:
@@ -652,7 +705,10 @@ def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[s
     """One event file in ``out``: an image per input (tag ``explain/<stem>``), mean metrics as scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
-    before = {p.name for p in out.path.glob("events.out.tfevents.*")}
+    def events() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.path.glob("events.out.tfevents.*")}
+
+    before = events()
     with SummaryWriter(log_dir=str(out.path)) as writer:
         for stem, picture in pictures.items():
             writer.add_image(f"explain/{stem}", picture, global_step=0, dataformats="CHW")
@@ -660,9 +716,9 @@ def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[s
             for metric, value in values.items():
                 if value is not None and value == value:  # skip NaN
                     writer.add_scalar(f"saliency/{method}/{metric}", float(value), global_step=0)
-    for path in out.path.glob("events.out.tfevents.*"):
-        if path.name not in before:
-            out.written.append(path.name)
+    for name, stamp in events().items():
+        if before.get(name) != stamp:  # new, or (same name within a second) appended to
+            out.adopt(name)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
