@@ -393,6 +393,7 @@ def test_explain_random_weights(env: dict[str, Path], tmp_path: Path, inproc) ->
         ("bad_layer", "Close matches: ['backbone.4'"),
         ("unknown_method", "Unknown saliency method(s) ['tsmm']"),
         ("one_checkpoint", "at least two checkpoints"),
+        ("compare_missing_second", "nope.ckpt' does not exist"),
         ("bad_batch_size", "positive integer"),
     ],
 )
@@ -418,6 +419,7 @@ def test_user_errors(env: dict[str, Path], tmp_path: Path, inproc, case: str, ex
         "bad_layer": ["explain", *tiny, *base, "--layer", "backbone.44"],
         "unknown_method": ["explain", *tiny, *base, "--methods", "tsmm"],
         "one_checkpoint": ["compare", *tiny, *base],
+        "compare_missing_second": ["compare", env["ckpt1"], tmp_path / "nope.ckpt", "--model", "tinymod:Tiny", *base],
         "bad_batch_size": ["explain", *tiny, *base, "--batch-size", "0"],
     }[case]
     code, out, err = inproc(*argv)

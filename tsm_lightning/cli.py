@@ -733,6 +733,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     if len(args.checkpoints) < 2:
         raise CLIError("compare needs at least two checkpoints")
+    for ckpt in args.checkpoints:  # every file before the first model runs: a typo gives one line, at once
+        _check_file(ckpt, "weights file" if args.arch else "checkpoint")
     out = OutputDir(args.out, args.force)
     images, files, skipped = _load_inputs(args)
     layer = args.layer
