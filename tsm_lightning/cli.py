@@ -8,9 +8,9 @@ Subcommands:
 * ``compare``: the same images explained by several checkpoints (e.g. saved during training); one PNG strip per
   image (rows named by method, columns by checkpoint: :func:`checkpoint_labels`) and ``stability.csv`` with the
   Pearson correlation between consecutive checkpoints, under the same labels.
+* ``layers``: the candidate layers of a model with their output shapes; ``*`` marks the automatic choice.
 
 Pictures show images under 128 px enlarged by a whole factor (nearest neighbour), so that the labels fit.
-* ``layers``: the candidate layers of a model with their output shapes; ``*`` marks the automatic choice.
 
 Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
 checkpoint's hyper-parameters as LightningCLI saves them) or from a torchvision architecture and a plain
