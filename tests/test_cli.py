@@ -6,10 +6,12 @@ import csv
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -52,12 +54,38 @@ class Other(LightningModule):
 """
 
 TILE = 32
+SHOWN = 128  # pictures enlarge tiles under 128 px by a whole factor, so that their labels fit: 32 px -> 4x
 PAD = 2  # render.grid default
 
 
-def _grid_size(rows: int, cols: int, tile: int = TILE) -> tuple[int, int]:
+def _grid_size(rows: int, cols: int, tile: int = SHOWN) -> tuple[int, int]:
     """(width, height) of a render.grid picture."""
     return cols * (tile + PAD) + PAD, rows * (tile + PAD) + PAD
+
+
+def _assert_labelled(
+    path: Path, column_labels: list[str], row_labels: list[str] | None = None, tile: int = SHOWN
+) -> None:
+    """``path`` is a labelled grid of ``tile`` px tiles whose header row and left band carry exactly these labels.
+
+    The bands are compared pixel for pixel with :func:`labelled_grid` drawn over blank tiles: they depend only on the
+    texts and the layout, not on what the tiles show.
+    """
+    from tsm_lightning.render import labelled_grid
+
+    rows = len(row_labels) if row_labels is not None else 1
+    blank = torch.zeros(len(column_labels), 3, tile, tile, dtype=torch.uint8)
+    expected = labelled_grid([blank] * rows, column_labels, row_labels)
+    with Image.open(path) as img:
+        got = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    assert got.shape == expected.shape
+    width, height = _grid_size(rows, len(column_labels), tile)
+    top, left = got.shape[1] - height, got.shape[2] - width
+    assert top > 0 and (got[:, :top] < 128).any()  # a header row with text in it
+    assert torch.equal(got[:, :top], expected[:, :top])
+    assert (left > 0) == (row_labels is not None)
+    if row_labels is not None:
+        assert torch.equal(got[:, :, :left], expected[:, :, :left])
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +177,7 @@ def test_explain_lightning_checkpoint(env: dict[str, Path], tmp_path: Path) -> N
     assert "Traceback" not in res.stderr
     stems = ["a", "b", "c"]
     for stem in stems:
-        with Image.open(out / f"{stem}.png") as img:
-            img.load()
-            assert img.size == _grid_size(1, 1 + len(METHODS))
+        _assert_labelled(out / f"{stem}.png", ["input", "EigenCAM", "TSM", "MV-EigenCAM", "MTSM"])
     rows = _rows(out / "metrics.csv")
     assert len(rows) == len(stems) * len(METHODS)
     assert {(r["image"], r["method"]) for r in rows} == {(s, m) for s in stems for m in METHODS}
@@ -184,6 +210,59 @@ def test_output_folder_protection(env: dict[str, Path], tmp_path: Path, inproc) 
     assert [r["method"] for r in rows] == ["tsm", "mtsm"]
 
 
+def test_rerun_removes_previous_outputs(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    """A rerun into a folder the tool owns leaves only its own outputs there, never a file it did not write."""
+    out = tmp_path / "maps"
+    a, b = env["images"] / "a.png", env["images"] / "b.png"
+    opts = ["--model", "tinymod:Tiny", "--image-size", TILE, "--methods", "tsm", "--layer", "backbone.2", "--out", out]
+    code, _, err = inproc("explain", env["ckpt1"], *opts, "--images", a, b, "--tensorboard")
+    assert code == 0, err
+    assert {p.name for p in out.glob("*.png")} == {"a.png", "b.png"} and list(out.glob("events.out.tfevents.*"))
+
+    def listing() -> tuple[set[str], set[str]]:
+        manifest = json.loads((out / cli.MANIFEST).read_text())["files"]
+        return {p.name for p in out.iterdir()} - {cli.MANIFEST}, set(manifest)
+
+    code, _, err = inproc("explain", env["ckpt1"], *opts, "--images", a)
+    assert code == 0, err
+    assert listing() == ({"a.png", "metrics.csv", "metrics.json"},) * 2
+    assert [r["image"] for r in _rows(out / "metrics.csv")] == ["a"]
+    assert "removed 2 file(s)" in err  # b.png and the event file
+    # compare into the folder explain wrote, with a file of the user's: explain's outputs go, the user's stays.
+    (out / "notes.txt").write_text("mine")
+    code, _, err = inproc("compare", env["ckpt1"], env["ckpt2"], *opts, "--images", a, "--force")
+    assert code == 0, err
+    files, listed = listing()
+    assert files == {"a.png", "stability.csv", "notes.txt"} and listed == {"a.png", "stability.csv"}
+    assert (out / "notes.txt").read_text() == "mine"
+    # A manifest naming files outside the folder (edited by hand, say) removes nothing there.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / cli.MANIFEST).write_text(json.dumps({"tool": "tsm-lightning", "files": ["a.png", "../victim.txt"]}))
+    assert inproc("compare", env["ckpt1"], env["ckpt2"], *opts, "--images", a, "--force")[0] == 0
+    assert victim.read_text() == "keep" and listing()[1] == {"a.png", "stability.csv"}
+
+
+def test_failed_run_leaves_no_unlisted_files(
+    env: dict[str, Path], tmp_path: Path, inproc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are listed in the manifest before they are written: after a failure, a rerun needs no --force."""
+    out = tmp_path / "maps"
+    args = ["explain", env["ckpt1"], "--model", "tinymod:Tiny", "--images", env["images"] / "a.png", "--out", out,
+            "--image-size", TILE, "--methods", "tsm"]  # fmt: skip
+
+    def disk_full(*_: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_write_csv", disk_full)
+        code, _, err = inproc(*args)
+    assert code == 2 and "No space left" in err
+    assert (out / "a.png").is_file()
+    code, _, err = inproc(*args)
+    assert code == 0, err
+
+
 def test_class_from_hyperparameters(env: dict[str, Path], tmp_path: Path, inproc) -> None:
     code, _, err = inproc("explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
                             "--image-size", TILE, "--methods", "eigencam")  # fmt: skip
@@ -207,19 +286,44 @@ def test_tensorboard_event_file(env: dict[str, Path], tmp_path: Path, inproc) ->
 
 
 def test_compare(env: dict[str, Path], tmp_path: Path) -> None:
+    # Two runs whose checkpoints have the same file name, as ModelCheckpoint's last.ckpt does.
+    ckpts = [tmp_path / run / "version_0" / "checkpoints" / "last.ckpt" for run in ("runA", "runB")]
+    for ckpt, source in zip(ckpts, (env["ckpt1"], env["ckpt2"]), strict=True):
+        ckpt.parent.mkdir(parents=True)
+        shutil.copyfile(source, ckpt)
+    labels = ["runA/…/last.ckpt", "runB/…/last.ckpt"]
     out = tmp_path / "cmp"
-    res = run_cli(env, "compare", env["ckpt1"], env["ckpt2"], "--model", "tinymod:Tiny", "--images", env["images"],
+    res = run_cli(env, "compare", *ckpts, "--model", "tinymod:Tiny", "--images", env["images"],
                   "--out", out, "--image-size", TILE, "--methods", "tsm", "mtsm")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    for stem in ("a", "b", "c"):
-        with Image.open(out / f"{stem}.png") as img:
-            img.load()
-            assert img.size == _grid_size(2, 1 + 2)  # rows = methods; input + one column per checkpoint
+    for stem in ("a", "b", "c"):  # rows = methods; input + one column per checkpoint
+        _assert_labelled(out / f"{stem}.png", ["input", *labels], ["TSM", "MTSM"])
     rows = _rows(out / "stability.csv")
     assert len(rows) == 3 * 2
     assert all(-1.0 <= float(r["pearson"]) <= 1.0 for r in rows)
-    assert {r["from"] for r in rows} == {str(env["ckpt1"])} and {r["to"] for r in rows} == {str(env["ckpt2"])}
+    assert {(r["from"], r["to"]) for r in rows} == {tuple(labels)}
+    assert {(r["from_path"], r["to_path"]) for r in rows} == {(str(ckpts[0]), str(ckpts[1]))}
+    assert f"pearson {labels[0]}->{labels[1]}" in res.stdout
     assert "broken.png" in res.stderr
+
+
+def test_checkpoint_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = cli.checkpoint_labels
+    assert labels(["runs/epoch=0.ckpt", "runs/epoch=9.ckpt"]) == ["epoch=0.ckpt", "epoch=9.ckpt"]
+    same_name = ["runA/version_0/checkpoints/last.ckpt", "runB/version_0/checkpoints/last.ckpt"]
+    assert labels(same_name) == ["runA/…/last.ckpt", "runB/…/last.ckpt"]
+    # Each checkpoint gets its own shortest suffix.
+    mixed = ["lightning_logs/version_0/last.ckpt", "lightning_logs/version_1/last.ckpt", "x/epoch=3.ckpt"]
+    assert labels(mixed) == ["version_0/last.ckpt", "version_1/last.ckpt", "epoch=3.ckpt"]
+    # "…" only where it shortens the label, and never where two checkpoints would share the shortened label.
+    assert labels(["A/m/f", "B/m/f"]) == ["A/m/f", "B/m/f"]
+    assert labels(["A/mm/f", "A/nn/f", "B/mm/f", "C/nn/f"]) == ["A/mm/f", "A/nn/f", "B/…/f", "C/…/f"]
+    # The same file however spelled gets one label; relative and absolute spellings compare as absolute paths.
+    monkeypatch.chdir(tmp_path)
+    assert labels(["x/last.ckpt", "./x/../x/last.ckpt", "y/last.ckpt"]) == ["x/last.ckpt"] * 2 + ["y/last.ckpt"]
+    nested = labels([tmp_path / "run" / "last.ckpt", "../z/run/last.ckpt"])
+    assert nested == [f"{tmp_path.name}/…/last.ckpt", "z/…/last.ckpt"]
+    assert labels(["only.ckpt"]) == ["only.ckpt"]
 
 
 def test_layers(env: dict[str, Path], inproc) -> None:
@@ -240,10 +344,33 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
                   "--out", out, "--image-size", 64, "--methods", "tsm", "eigencam", "--batch-size", 2)  # fmt: skip
     assert code == 0, err
     assert "batch 2/2" in err and "ignored" not in err
-    with Image.open(out / "a.png") as img:
-        assert img.size == _grid_size(1, 3, tile=64)
+    _assert_labelled(out / "a.png", ["input", "TSM", "EigenCAM"])  # 64 px inputs shown at 128 px
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["layer"] == "layer2" and len(meta["rows"]) == 3 * 2
+    assert meta["random_weights"] is False
+
+
+def test_explain_random_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    """--arch without --weights explains the randomly initialised network, and says so everywhere."""
+    args = ["explain", "--arch", "resnet18", "--images", env["images"] / "a.png", "--image-size", TILE,
+            "--methods", "tsm"]  # fmt: skip
+    code, out, err = inproc(*args, "--out", tmp_path / "r1")
+    assert code == 0, err
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "random" in warnings_[0] and "--weights" in warnings_[0], err
+    assert "random weights" in out.splitlines()[0]
+    meta = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert meta["random_weights"] is True and "random weights" in meta["model"]
+    assert meta["layer"] == "layer1"  # 8x8 at 32 px
+    # The initialisation is seeded: two runs give the same numbers.
+    assert inproc(*args, "--out", tmp_path / "r2")[0] == 0
+    assert _rows(tmp_path / "r1" / "metrics.csv") == _rows(tmp_path / "r2" / "metrics.csv")
+    # The same for a LightningModule class without a checkpoint.
+    code, out, err = inproc("explain", "--model", "tinymod:Tiny", "--images", env["images"] / "a.png",
+                            "--out", tmp_path / "r3", "--image-size", TILE, "--methods", "tsm")  # fmt: skip
+    assert code == 0, err
+    assert "warning: no weights given" in err and "a CHECKPOINT" in err
+    assert json.loads((tmp_path / "r3" / "metrics.json").read_text())["random_weights"] is True
 
 
 @pytest.mark.parametrize(
@@ -257,7 +384,8 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
         ("missing_attr", "has no attribute 'Nope'"),
         ("no_class", "pass --model PKG.MODULE:CLASS"),
         ("unknown_arch", "unknown --arch 'resnet181'"),
-        ("arch_without_weights", "needs --weights"),
+        ("compare_without_checkpoints", "CHECKPOINT"),
+        ("random_weights_bad_layer", "--layer"),
         ("wrong_weights", "does not fit --arch resnet50"),
         ("no_images", "no such file or folder"),
         ("empty_folder", "no readable image files"),
@@ -265,6 +393,7 @@ def test_arch_and_weights(env: dict[str, Path], tmp_path: Path, inproc) -> None:
         ("bad_layer", "Close matches: ['backbone.4'"),
         ("unknown_method", "Unknown saliency method(s) ['tsmm']"),
         ("one_checkpoint", "at least two checkpoints"),
+        ("compare_missing_second", "nope.ckpt' does not exist"),
         ("bad_batch_size", "positive integer"),
     ],
 )
@@ -281,7 +410,8 @@ def test_user_errors(env: dict[str, Path], tmp_path: Path, inproc, case: str, ex
         "missing_attr": ["explain", env["ckpt1"], "--model", "tinymod:Nope", *base],
         "no_class": ["explain", env["ckpt1"], *base],
         "unknown_arch": ["explain", "--arch", "resnet181", "--weights", env["weights"], *base],
-        "arch_without_weights": ["explain", "--arch", "resnet18", *base],
+        "compare_without_checkpoints": ["compare", "--arch", "resnet18", *base],
+        "random_weights_bad_layer": ["explain", "--arch", "resnet18", *base, "--layer", "layer9"],
         "wrong_weights": ["explain", "--arch", "resnet50", "--weights", env["weights"], *base],
         "no_images": ["explain", *tiny, "--images", tmp_path / "missing", "--out", tmp_path / "o"],
         "empty_folder": ["explain", *tiny, "--images", env["root"] / "empty", "--out", tmp_path / "o"],
@@ -289,6 +419,7 @@ def test_user_errors(env: dict[str, Path], tmp_path: Path, inproc, case: str, ex
         "bad_layer": ["explain", *tiny, *base, "--layer", "backbone.44"],
         "unknown_method": ["explain", *tiny, *base, "--methods", "tsmm"],
         "one_checkpoint": ["compare", *tiny, *base],
+        "compare_missing_second": ["compare", env["ckpt1"], tmp_path / "nope.ckpt", "--model", "tinymod:Tiny", *base],
         "bad_batch_size": ["explain", *tiny, *base, "--batch-size", "0"],
     }[case]
     code, out, err = inproc(*argv)

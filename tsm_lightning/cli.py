@@ -2,15 +2,20 @@
 
 Subcommands:
 
-* ``explain``: one PNG per image (input, then one overlay per method), ``metrics.csv`` / ``metrics.json`` with the
-  label-free per-image metrics of :func:`~tsm_lightning.metrics.map_metrics`, and a summary table.
+* ``explain``: one PNG per image (input, then one overlay per method, under a header row naming them),
+  ``metrics.csv`` / ``metrics.json`` with the label-free per-image metrics of
+  :func:`~tsm_lightning.metrics.map_metrics`, and a summary table.
 * ``compare``: the same images explained by several checkpoints (e.g. saved during training); one PNG strip per
-  image and ``stability.csv`` with the Pearson correlation between consecutive checkpoints.
+  image (rows named by method, columns by checkpoint: :func:`checkpoint_labels`) and ``stability.csv`` with the
+  Pearson correlation between consecutive checkpoints, under the same labels.
 * ``layers``: the candidate layers of a model with their output shapes; ``*`` marks the automatic choice.
+
+Pictures show images under 128 px enlarged by a whole factor (nearest neighbour), so that the labels fit.
 
 Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
 checkpoint's hyper-parameters as LightningCLI saves them) or from a torchvision architecture and a plain
-``state_dict`` (``--arch resnet50 --weights FILE``).
+``state_dict`` (``--arch resnet50 --weights FILE``). ``explain`` and ``layers`` also accept ``--arch`` (or
+``--model``) without weights: the network keeps a seeded random initialisation, with a warning, and the outputs say so.
 
 User mistakes end with a one-line ``error: ...`` on stderr and exit status 2; set ``TSM_LIGHTNING_DEBUG=1`` to see
 the traceback instead.
@@ -33,13 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CLIError", "main"]
+__all__ = ["CLIError", "checkpoint_labels", "main"]
 
 PROG = "tsm-lightning"
 MANIFEST = ".tsm-lightning.json"
+_MANIFEST_TMP = MANIFEST + ".tmp"
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
 _HPARAM_CLASS_KEYS = ("_class_path", "class_path")
 _MAX_MESSAGE = 400
+RANDOM_SEED = 0
+"""Seed of the initialisation explained when no weights are given (so that such runs are reproducible)."""
+_RANDOM = f"random weights, seed {RANDOM_SEED}"
+_MIN_TILE = 128  # pictures show smaller images enlarged by a whole factor, so that their column labels fit
 
 
 class CLIError(Exception):
@@ -79,11 +89,13 @@ class Loaded:
         model: the network, in eval mode on the device.
         source: what it was loaded from, for messages and outputs.
         lightning: whether layer names follow the LightningModule rule (``backbone.*`` runs ``model.backbone``).
+        random_weights: whether no weights were loaded (the seeded initialisation of the class or architecture).
     """
 
     model: Any
     source: str
     lightning: bool
+    random_weights: bool = False
 
     def target(self, layer: str) -> Any:
         """The module whose forward runs for ``layer``.
@@ -219,9 +231,12 @@ def _arch_names() -> list[str]:
 
 
 def _build_arch(arch: str) -> Any:
+    """The torchvision architecture ``arch``, initialised with seed :data:`RANDOM_SEED` (global RNGs untouched)."""
     import difflib
 
     import torchvision
+
+    from tsm_lightning.rng import preserved_rng
 
     names = _arch_names()
     if arch not in names:
@@ -230,7 +245,8 @@ def _build_arch(arch: str) -> Any:
         raise CLIError(
             f"unknown --arch {arch!r}.{hint} Valid names are torchvision classification models, e.g. resnet50"
         )
-    return torchvision.models.get_model(arch, weights=None)
+    with preserved_rng(RANDOM_SEED):
+        return torchvision.models.get_model(arch, weights=None)
 
 
 def _match_state_dict(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
@@ -251,11 +267,14 @@ def _match_state_dict(state: dict[str, Any], expected: set[str]) -> dict[str, An
 
 
 def load_arch(arch: str, weights: str | None, device: str, *, required: bool = True) -> Loaded:
-    """Build a torchvision architecture and load a plain ``state_dict`` (or a checkpoint holding one)."""
+    """Build a torchvision architecture and load a plain ``state_dict`` (or a checkpoint holding one).
+
+    Without ``weights`` (allowed when not ``required``) the network keeps its seeded random initialisation.
+    """
     import torch
 
     model = _build_arch(arch)
-    source = f"{arch} (random weights)"
+    source = f"{arch} ({_RANDOM})"
     if weights is not None or required:
         if weights is None:
             raise CLIError(f"--arch {arch} needs --weights FILE (a state_dict saved with torch.save)")
@@ -282,11 +301,15 @@ def load_arch(arch: str, weights: str | None, device: str, *, required: bool = T
             _progress(f"note: ignored {ignored} key(s) of {path.name} that {arch} does not have")
         source = f"{arch} {path}"
     model.to(device).eval()
-    return Loaded(model, source, lightning=False)
+    return Loaded(model, source, lightning=False, random_weights=weights is None)
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
-    """Load one model from the common options."""
+    """Load one model from the common options.
+
+    With ``required=False`` a missing checkpoint / ``--weights`` is allowed: ``--arch`` or ``--model`` is then built
+    with its seeded random initialisation (``Loaded.random_weights``).
+    """
     if args.arch:
         if args.model:
             raise CLIError("pass either --model (Lightning checkpoint) or --arch (torchvision state_dict), not both")
@@ -298,14 +321,18 @@ def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bo
         raise CLIError("--weights needs --arch NAME (the torchvision architecture of the state_dict)")
     if checkpoint is None:
         if args.model and not required:
+            from tsm_lightning.rng import preserved_rng
+
             cls = _import_class(args.model)
             try:
-                model = cls()
+                with preserved_rng(RANDOM_SEED):
+                    model = cls()
             except Exception as err:
                 raise CLIError(
                     f"cannot build {args.model} without arguments ({_one_line(err)}); pass a checkpoint"
                 ) from err
-            return Loaded(model.to(args.device).eval(), f"{args.model} (random weights)", lightning=True)
+            source = f"{args.model} ({_RANDOM})"
+            return Loaded(model.to(args.device).eval(), source, lightning=True, random_weights=True)
         raise CLIError("pass a CHECKPOINT (with --model PKG.MODULE:CLASS if needed) or --arch NAME --weights FILE")
     return load_lightning(checkpoint, args.model, args.device)
 
@@ -420,7 +447,13 @@ def _stems(paths: Sequence[Path]) -> list[str]:
 
 
 class OutputDir:
-    """An output folder that refuses to overwrite files it did not write (unless ``force``)."""
+    """An output folder that refuses to overwrite files it did not write (unless ``force``).
+
+    The manifest ``.tsm-lightning.json`` lists the files the tool wrote there. Each file is listed before it is
+    written, so that a run that fails halfway leaves no unlisted file behind. :meth:`close` removes the listed files
+    of earlier runs that this run did not rewrite, and lists only this run's: the folder never holds pictures that
+    its ``metrics.csv`` does not describe. Files the tool did not write are never removed, even with ``force``.
+    """
 
     def __init__(self, path: str, force: bool) -> None:
         self.path = Path(path).expanduser()
@@ -430,12 +463,15 @@ class OutputDir:
         manifest = self.path / MANIFEST
         if manifest.is_file():
             try:
-                self.owned = set(json.loads(manifest.read_text()).get("files", []))
+                files = json.loads(manifest.read_text()).get("files", [])
             except (OSError, ValueError, AttributeError):
-                self.owned = set()
+                files = []
+            self.owned = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
         if self.path.is_dir() and not force:
             foreign = sorted(
-                p.name for p in self.path.iterdir() if p.name != MANIFEST and (p.name not in self.owned or p.is_dir())
+                p.name
+                for p in self.path.iterdir()
+                if p.name not in (MANIFEST, _MANIFEST_TMP) and (p.name not in self.owned or p.is_dir())
             )
             if foreign:
                 listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -446,16 +482,59 @@ class OutputDir:
         self.written: list[str] = []
 
     def file(self, name: str) -> Path:
-        """Path of an output file, recorded in the manifest."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.written.append(name)
+        """Path of an output file, listed in the manifest before the caller writes it."""
+        self.adopt(name)
         return self.path / name
 
+    def adopt(self, name: str) -> None:
+        """Record ``name``, a file directly in the folder, as an output of this run (and as the tool's)."""
+        if name not in self.written:
+            self.written.append(name)
+        if name not in self.owned:
+            self.owned.add(name)
+            self._write_manifest(self.owned)
+
     def close(self) -> None:
-        """Write the manifest of the files this tool owns in the folder."""
+        """Remove the earlier runs' files that this run did not rewrite; the manifest then lists this run's files."""
+        current = set(self.written)
+        kept = set(current)
+        rewritten = {_file_id(self.path / name) for name in current} - {None}
+        removed = 0
+        for name in sorted(self.owned - current):
+            path = self.path / name
+            # Only plain names of regular files directly in the folder, and never a file this run wrote under
+            # another spelling (case-insensitive file systems).
+            if not _plain_name(name) or path.is_symlink() or not path.is_file() or _file_id(path) in rewritten:
+                continue
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as err:
+                kept.add(name)
+                _progress(f"warning: could not remove {name} of an earlier run ({_one_line(err)})")
+        self.owned = kept
+        self._write_manifest(kept)
+        if removed:
+            _progress(f"removed {removed} file(s) of an earlier run from {self.path}")
+
+    def _write_manifest(self, files: set[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        files = sorted(self.owned | set(self.written))
-        (self.path / MANIFEST).write_text(json.dumps({"tool": PROG, "files": files}, indent=1) + "\n")
+        tmp = self.path / _MANIFEST_TMP
+        tmp.write_text(json.dumps({"tool": PROG, "files": sorted(files)}, indent=1) + "\n")
+        os.replace(tmp, self.path / MANIFEST)
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` names an entry directly inside a folder (no separator, not ``.``/``..``, not the manifest)."""
+    return name not in ("", ".", "..", MANIFEST, _MANIFEST_TMP) and Path(name).name == name and "/" not in name
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _float(value: Any) -> float | None:
@@ -467,7 +546,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
@@ -497,6 +576,52 @@ def _input_tiles(images: Any) -> Any:
     return to_uint8(denormalize(images))
 
 
+def _enlarge(tiles: Any, min_side: int = _MIN_TILE) -> Any:
+    """``(n, 3, h, w)`` uint8 tiles repeated by the smallest whole factor that makes them ``min_side`` px or more.
+
+    Nearest-neighbour, so each input pixel and feature-map cell stays a sharp block; it leaves room for the labels
+    of :func:`~tsm_lightning.render.labelled_grid` over small (e.g. 32 px CIFAR) images.
+    """
+    scale = max(1, math.ceil(min_side / min(tiles.shape[-2:])))
+    return tiles if scale == 1 else tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def checkpoint_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Short labels that tell checkpoints apart: each path's shortest suffix that no other path ends with.
+
+    Paths are compared as absolute, normalised paths (symlinks are not followed), so ``a/last.ckpt`` and
+    ``./a/last.ckpt`` are one file with one label. A suffix of three components or more is shown as its first
+    component, ``…`` and the file name where that is shorter and no other checkpoint gets the same text.
+
+    Args:
+        paths: checkpoint files as given on the command line.
+
+    Returns:
+        One label per path, in order, with ``/`` as separator.
+
+    Examples:
+        >>> checkpoint_labels(["runs/epoch=0.ckpt", "runs/epoch=9.ckpt"])
+        ['epoch=0.ckpt', 'epoch=9.ckpt']
+        >>> checkpoint_labels(["runA/version_0/checkpoints/last.ckpt", "runB/version_0/checkpoints/last.ckpt"])
+        ['runA/…/last.ckpt', 'runB/…/last.ckpt']
+    """
+    parts = [Path(os.path.abspath(os.fspath(p))).parts for p in paths]
+    distinct = set(parts)
+    suffixes = []
+    for p in parts:
+        others = [q for q in distinct if q != p]
+        k = 1
+        while k < len(p) and any(q[-k:] == p[-k:] for q in others):
+            k += 1
+        suffixes.append(p[-k:])
+    full = [Path(*s).as_posix() for s in suffixes]
+    short = [f"{s[0]}/…/{s[-1]}" if len(s) >= 3 and not Path(s[0]).anchor else "" for s in suffixes]
+    owners: dict[str, set[tuple[str, ...]]] = {}
+    for p, text in zip(parts, short, strict=True):
+        owners.setdefault(text, set()).add(p)
+    return [s if s and len(s) < len(f) and len(owners[s]) == 1 else f for s, f in zip(short, full, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,14 +633,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import summarize
-    from tsm_lightning.render import grid, overlay, save_png
+    from tsm_lightning.render import label, labelled_grid, overlay, save_png
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
     out = OutputDir(args.out, args.force)
     images, files, skipped = _load_inputs(args)
-    loaded = load_model(args, args.checkpoint)
+    loaded = load_model(args, args.checkpoint, required=False)
     layer = _resolve_layer(loaded, args.layer, images[:1].to(device))
+    if loaded.random_weights:  # after every check, so that a user mistake still gives one line
+        trained = "--weights FILE" if args.arch else "a CHECKPOINT"
+        _progress(
+            f"warning: no weights given: explaining {loaded.source}; the maps show the untrained network, not a "
+            f"trained model. Pass {trained} to explain trained weights."
+        )
     maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
 
     inputs = _input_tiles(images)
@@ -523,6 +654,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     pictures: dict[str, Any] = {}
     stems = _stems(files)
+    column_labels = ["input", *(label(m) for m in methods)]
     for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
         tiles = [inputs[i]]
         base = inputs[i : i + 1].float() / 255
@@ -537,7 +669,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
             row.update({k: _float(v[i]) for k, v in features.items()})
             rows.append(row)
-        pictures[stem] = grid([torch.stack(tiles)])
+        pictures[stem] = labelled_grid([_enlarge(torch.stack(tiles))], column_labels)
         save_png(pictures[stem], out.file(f"{stem}.png"))
 
     _write_csv(out.file("metrics.csv"), rows)
@@ -546,10 +678,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "tool": PROG,
         "command": "explain",
         "model": loaded.source,
+        "random_weights": loaded.random_weights,
         "layer": layer,
         "methods": list(methods),
         "image_size": args.image_size,
         "columns": ["input", *methods],
+        "column_labels": column_labels,
         "images": [{"image": s, "path": str(p), "png": f"{s}.png"} for s, p in zip(stems, files, strict=True)],
         "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
         "summary": {m: {k: _float(v) for k, v in d.items()} for m, d in summary.items()},
@@ -571,7 +705,10 @@ def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[s
     """One event file in ``out``: an image per input (tag ``explain/<stem>``), mean metrics as scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
-    before = {p.name for p in out.path.glob("events.out.tfevents.*")}
+    def events() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.path.glob("events.out.tfevents.*")}
+
+    before = events()
     with SummaryWriter(log_dir=str(out.path)) as writer:
         for stem, picture in pictures.items():
             writer.add_image(f"explain/{stem}", picture, global_step=0, dataformats="CHW")
@@ -579,9 +716,9 @@ def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[s
             for metric, value in values.items():
                 if value is not None and value == value:  # skip NaN
                     writer.add_scalar(f"saliency/{method}/{metric}", float(value), global_step=0)
-    for path in out.path.glob("events.out.tfevents.*"):
-        if path.name not in before:
-            out.written.append(path.name)
+    for name, stamp in events().items():
+        if before.get(name) != stamp:  # new, or (same name within a second) appended to
+            out.adopt(name)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -590,25 +727,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import pearson
-    from tsm_lightning.render import grid, overlay, save_png
+    from tsm_lightning.render import label, labelled_grid, overlay, save_png
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
     if len(args.checkpoints) < 2:
         raise CLIError("compare needs at least two checkpoints")
+    for ckpt in args.checkpoints:  # every file before the first model runs: a typo gives one line, at once
+        _check_file(ckpt, "weights file" if args.arch else "checkpoint")
     out = OutputDir(args.out, args.force)
     images, files, skipped = _load_inputs(args)
     layer = args.layer
     all_maps: list[dict[str, Any]] = []
-    names: list[str] = []
-    for k, ckpt in enumerate(args.checkpoints):
+    names = checkpoint_labels(args.checkpoints)
+    for k, (ckpt, name) in enumerate(zip(args.checkpoints, names, strict=True)):
         loaded = load_model(args, ckpt)
         layer = _resolve_layer(loaded, layer, images[:1].to(device))
         maps, _ = _run_model(
-            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(args.checkpoints)}] "
+            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(names)} {name}] "
         )
         all_maps.append(maps)
-        names.append(Path(ckpt).name)
         del loaded
 
     inputs = _input_tiles(images)
@@ -620,19 +758,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         strip = []
         for method in methods:
             tiles = [inputs[i]] + [overlay(base, maps[method][i : i + 1])[0] for maps in all_maps]
-            strip.append(torch.stack(tiles))
+            strip.append(_enlarge(torch.stack(tiles)))
             for a in range(len(all_maps) - 1):
                 rows.append(
                     {
                         "image": stem,
                         "path": str(files[i]),
                         "method": method,
-                        "from": args.checkpoints[a],
-                        "to": args.checkpoints[a + 1],
+                        "from": names[a],
+                        "to": names[a + 1],
                         "pearson": _float(corr[(a, method)][i]),
+                        "from_path": str(args.checkpoints[a]),
+                        "to_path": str(args.checkpoints[a + 1]),
                     }
                 )
-        save_png(grid(strip), out.file(f"{stem}.png"))
+        picture = labelled_grid(strip, ["input", *names], [label(m) for m in methods])
+        save_png(picture, out.file(f"{stem}.png"))
     _write_csv(out.file("stability.csv"), rows)
     out.close()
 
@@ -744,18 +885,25 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="saliency maps and metrics of one checkpoint",
         description=(
-            "Explain images with one model: writes <stem>.png (input, then one overlay per method), metrics.csv and "
-            "metrics.json (one row per image and method), and prints the mean metrics per method."
+            "Explain images with one model: writes <stem>.png (input, then one overlay per method, under a header row "
+            "naming them), metrics.csv and metrics.json (one row per image and method), and prints the mean metrics "
+            "per method."
         ),
         epilog=(
             "examples:\n"
             f"  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/\n"
             f"  {PROG} explain --arch resnet50 --weights backbone.pth --images 'data/*.jpg' --out maps/ "
             "--methods tsm mtsm"
+            f"\n  {PROG} explain --arch resnet18 --images photos/ --out try/   # random weights, to try the tool"
         ),
         formatter_class=fmt,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="Lightning checkpoint (or --arch weights)")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        metavar="CHECKPOINT",
+        help="Lightning checkpoint (or --arch weights); without one, --arch / --model keep random weights",
+    )
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
@@ -764,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="maps of several checkpoints side by side, with their stability",
         description=(
             "Explain the same images with each checkpoint: writes <stem>.png (rows = methods, columns = input then "
-            "checkpoints in the given order) and stability.csv (Pearson correlation between consecutive checkpoints)."
+            "checkpoints in the given order, each named by the shortest end of its path that tells it apart) and "
+            "stability.csv (Pearson correlation between consecutive checkpoints, under the same names)."
         ),
         epilog=(
             "example:\n"
