@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from tsm_lightning.callbacks.sharding import Sharding, detect_sharding, full_features
 from tsm_lightning.capture import capture, check_feature_map, find_layer, forward_target, get_layer, search_root
 from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
 from tsm_lightning.metrics import default_embed_fn, faithfulness_metrics, localization_metrics, map_metrics, summarize
@@ -182,6 +183,7 @@ class SaliencyMonitorMixin:
         self._resolved_layer: str | None = layer
         self._told_samples_per_plugin = False
         self._layout_written = False
+        self._sharding: Sharding | None = None
 
     # ------------------------------------------------------------------------------------------------ identity
     @property
@@ -200,17 +202,51 @@ class SaliencyMonitorMixin:
             self.probe = build_probe(self.probe_source, self.num_images, masks=self.masks)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Resolve the probe and the layer (errors surface here, before the first step), log the baseline."""
-        if not trainer.is_global_zero:
+        """Resolve the probe and the layer (errors surface here, before the first step), log the baseline.
+
+        Global rank zero only, unless the parameters are sharded (FSDP, DeepSpeed ZeRO-3): then every rank builds
+        the same probe (deterministically) and discovers the layer with a probe forward, and an error on any rank
+        is raised on all of them.
+        """
+        self._sharding = detect_sharding(trainer, pl_module)
+        if not self._runs_here(trainer):
             return
+        if self._sharding is None:
+            self._prepare(trainer, pl_module)
+        else:
+            if self.faithfulness_every_n_runs is not None:
+                raise ValueError(
+                    "SaliencyMonitor(faithfulness_every_n_runs=...) is not supported with sharded parameters "
+                    f"({self._sharding.kind}): its extra forward passes run on rank zero only. Set "
+                    "faithfulness_every_n_runs=None, or explain saved checkpoints with `tsm-lightning explain`."
+                )
+            error = None
+            try:
+                self._prepare(trainer, pl_module)
+            except Exception as err:
+                error = err
+            failures = self._sharding.agree(error)
+            if error is not None:
+                raise error
+            if failures:
+                raise RuntimeError(f"SaliencyMonitor could not start on {_ranks(failures)}.")
+        if trainer.is_global_zero:
+            self._tell_samples_per_plugin(trainer)
+        if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
+            self._run_guarded(trainer, pl_module)
+
+    def _runs_here(self, trainer: Any) -> bool:
+        # Rank zero alone, unless the parameters are sharded: then gathering them needs every rank.
+        return bool(trainer.is_global_zero) or self._sharding is not None
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> None:
         if self.probe is None:
             self.probe = self._resolve_probe(trainer)
         self._check_probe_device(pl_module)
         if self._resolved_layer is None:
-            self._resolved_layer = self._discover_layer(pl_module)
-        self._tell_samples_per_plugin(trainer)
-        if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
-            self._run_guarded(trainer, pl_module)
+            target = search_root(pl_module)[1] if self.forward_fn is None else pl_module
+            with self._gathered(pl_module, target):
+                self._resolved_layer = self._discover_layer(pl_module)
 
     def _resolve_probe(self, trainer: Any) -> Probe:
         source = self.probe_source
@@ -296,7 +332,7 @@ class SaliencyMonitorMixin:
     # ------------------------------------------------------------------------------------------------ cadence
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Run every ``every_n_steps`` optimizer steps."""
-        if self.every_n_steps is None or not trainer.is_global_zero:
+        if self.every_n_steps is None or not self._runs_here(trainer):
             return
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self.last_logged_step:
@@ -304,18 +340,21 @@ class SaliencyMonitorMixin:
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Run at the end of every ``every_n_epochs`` epochs."""
-        if self.every_n_epochs is None or not trainer.is_global_zero:
+        if self.every_n_epochs is None or not self._runs_here(trainer):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self.last_logged_step:
             self._run_guarded(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final state once, unless this step was just logged."""
-        if self.log_on_fit_end and trainer.is_global_zero and trainer.global_step != self.last_logged_step:
+        if self.log_on_fit_end and self._runs_here(trainer) and trainer.global_step != self.last_logged_step:
             self._run_guarded(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------ one run
     def _run_guarded(self, trainer: Any, pl_module: Any) -> None:
+        if self._sharding is not None:
+            self._run_sharded(trainer, pl_module, self._sharding)
+            return
         try:
             self.run(trainer, pl_module)
         except Exception as err:
@@ -328,6 +367,58 @@ class SaliencyMonitorMixin:
                 stacklevel=2,
             )
 
+    def _run_sharded(self, trainer: Any, pl_module: Any, sharding: Sharding) -> None:
+        """One run with sharded parameters, on every rank: the probe forward everywhere, maps and logs on rank zero.
+
+        The ranks agree on the forward's outcome before anyone goes on (with ``strict=True`` also on rank zero's
+        logging), so a failure on any rank makes all of them skip (warning) or raise (``strict=True``).
+        """
+        step = trainer.global_step
+        features, error = None, None
+        try:
+            features = self._capture(pl_module)
+        except Exception as err:
+            error = err
+        failures = sharding.agree(error)
+        if failures:
+            self._skip_or_raise(step, failures, error)
+            return
+        self.last_logged_step = step  # on every rank, so that all of them run at the same steps
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.run(trainer, pl_module, features)
+            except Exception as err:
+                error = err
+        if self.strict:
+            failures = sharding.agree(error)
+            if failures:
+                self._skip_or_raise(step, failures, error)
+        elif error is not None:
+            self._skip_or_raise(step, {0: f"{type(error).__name__}: {error}"}, error)
+
+    def _skip_or_raise(self, step: int, failures: dict[int, str], error: Exception | None) -> None:
+        reasons = "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
+        if self.strict:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"SaliencyMonitor failed at step {step} on {_ranks(failures)} ({reasons}); stopping every rank "
+                "because strict=True."
+            )
+        warnings.warn(
+            f"SaliencyMonitor skipped step {step} on every rank ({reasons}). Training continues; pass strict=True "
+            "to stop on such errors.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _gathered(self, pl_module: Any, target: Any) -> contextlib.AbstractContextManager[None]:
+        # Full parameters for a forward that calls `target`; a no-op unless they are sharded.
+        if self._sharding is None:
+            return contextlib.nullcontext()
+        return self._sharding.gathered(target)
+
     def _model_input(self, pl_module: Any) -> Tensor:
         assert self.probe is not None
         images = self.probe.images
@@ -336,30 +427,48 @@ class SaliencyMonitorMixin:
             images = images.to(param.dtype)  # e.g. precision="bf16-true"
         return images
 
-    def compute(self, pl_module: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(self, pl_module: Any, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
+
+        Args:
+            pl_module: the LightningModule.
+            features: features already captured by the probe forward (under sharding, every rank runs it before
+                rank zero computes the maps); ``None`` runs the forward here.
 
         Returns:
             ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``.
         """
+        if features is None:
+            features = self._capture(pl_module)
+        maps = saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
+        return features, maps
+
+    def _capture(self, pl_module: Any) -> Tensor:
+        # The probe forward (on every rank when the parameters are sharded): features (B, C, h, w) float32.
         assert self.probe is not None and self._resolved_layer is not None
         images = self._model_input(pl_module)
         with (
             preserved_rng(),
             _autocast_off(images.device),
+            self._gathered(pl_module, forward_target(pl_module, self._resolved_layer)),
             capture(pl_module, self._resolved_layer) as cap,
         ):
             self._forward(pl_module, images)
-        features = check_feature_map(cap.features, self._resolved_layer).float()
+        features = check_feature_map(full_features(cap.features), self._resolved_layer).float()
         if not bool(torch.isfinite(features).all()):
             raise FloatingPointError(f"the features of layer {self._resolved_layer!r} contain NaN or Inf")
-        maps = saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
-        return features, maps
+        return features
 
-    def run(self, trainer: Any, pl_module: Any) -> None:
-        """Compute and log the maps and metrics for the current step (rank zero only)."""
+    def run(self, trainer: Any, pl_module: Any, features: Tensor | None = None) -> None:
+        """Compute and log the maps and metrics for the current step (rank zero only).
+
+        Args:
+            trainer: the ``Trainer``.
+            pl_module: the LightningModule.
+            features: the probe's features when every rank already ran the probe forward (sharded training).
+        """
         step = trainer.global_step
-        features, maps = self.compute(pl_module)
+        features, maps = self.compute(pl_module, features)
         images = self._display_images()
         size = (images.shape[-2], images.shape[-1])
         overlays = {
@@ -503,6 +612,11 @@ def _info(message: str) -> None:
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(message)
+
+
+def _ranks(failures: dict[int, str]) -> str:
+    ranks = sorted(failures)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _is_tensorboard(logger: Any) -> bool:
