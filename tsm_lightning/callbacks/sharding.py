@@ -12,7 +12,8 @@ What :meth:`Sharding.gathered` does, per strategy:
   modules above the called module (their forward does not run, e.g. a ``fully_shard`` -ed LightningModule whose
   group holds the stem) and inside it are gathered with ``FSDPModule.unshard()``, so the forward itself issues no
   collective and a failure in it on one rank cannot leave another blocked; afterwards every module that was
-  sharded before is ``reshard()`` -ed. FSDP's per-iteration bookkeeping that a forward appends to (the
+  sharded before is ``reshard()`` -ed. The inputs are cast as the skipped pre-forward above would cast them
+  (``MixedPrecisionPolicy.param_dtype``). FSDP's per-iteration bookkeeping that a forward appends to (the
   post-forward order used for backward prefetching) is restored, so the next training step issues exactly the
   collectives it would have issued without the monitor. The FSDP roots are lazily initialised first, as the first
   training forward would do, so that a probe forward before the first training step does not make a nested
@@ -168,10 +169,14 @@ def _fsdp2_gathered(top: nn.Module, target: nn.Module) -> Iterator[None]:
     orders = {id(g.comm_ctx): g.comm_ctx.post_forward_order for _, gs in groups for g in gs}
     order_lengths = {key: len(order) for key, order in orders.items()}
     indices = [(g._post_forward_indices, len(g._post_forward_indices)) for _, gs in groups for g in gs]
+    handle = None
     try:
         for name, module in named:
             if name == target_name or _is_above(name, target_name) or _is_above(target_name, name):
                 module.unshard()
+        above = [module for name, module in named if _is_above(name, target_name)]
+        if above and not isinstance(target, fsdp2):
+            handle = _cast_inputs_like(above[-1], target)
         yield
     except BaseException:
         # A forward that stopped half-way leaves FSDP's per-iteration state behind (modules still "in forward").
@@ -180,6 +185,8 @@ def _fsdp2_gathered(top: nn.Module, target: nn.Module) -> Iterator[None]:
                 root.reset_iter_state()
         raise
     finally:
+        if handle is not None:
+            handle.remove()
         for (module, module_groups), was_sharded in zip(groups, sharded_before, strict=True):
             if was_sharded and not all(g.is_sharded for g in module_groups):
                 module.reshard()
@@ -187,6 +194,34 @@ def _fsdp2_gathered(top: nn.Module, target: nn.Module) -> Iterator[None]:
             del order[order_lengths[key] :]
         for index_list, length in indices:
             del index_list[length:]
+
+
+def _cast_inputs_like(owner: nn.Module, target: nn.Module) -> Any:
+    """Cast ``target``'s floating-point inputs as the skipped pre-forward of ``owner`` would.
+
+    ``owner`` is the innermost ``fully_shard`` -ed module above ``target``; its forward does not run, so neither
+    does its cast to ``MixedPrecisionPolicy.param_dtype``, the dtype of its gathered parameters. Returns the hook
+    handle, or ``None`` when there is nothing to cast.
+    """
+    policy = getattr(_fsdp2_state(owner), "_mp_policy", None)
+    dtype = getattr(policy, "param_dtype", None)
+    if dtype is None or not getattr(policy, "cast_forward_inputs", True):
+        return None
+
+    def cast(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+
+    return target.register_forward_pre_hook(cast, prepend=True, with_kwargs=True)
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(item, dtype) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _cast_floats(value, dtype) for key, value in obj.items()}
+    return obj
 
 
 def _fsdp2_state(module: nn.Module) -> Any:
