@@ -9,7 +9,7 @@ warnings, the collectives issued inside each training batch) and ``rank<r>.pt`` 
 after training).
 
 Usage: ``fsdp_script.py OUT [--monitor none|strict|lenient] [--fail-on-rank R [--fail forward|log]]
-[--layer NAME|auto]``.
+[--layer NAME|auto] [--mixed-precision]``.
 """
 
 import argparse
@@ -29,36 +29,49 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_helpers import TinySimSiam, loader
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from tsm_lightning import SaliencyMonitor
 
 
-def staged_cnn(width: int = 8) -> nn.Sequential:
+def staged_cnn(width: int = 8, norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
     """Stem (0-2), stage1 (3), stage2 (4, 8x8 at 16 px), pool (5), flatten (6)."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
+        norm(width),
         nn.ReLU(),
-        nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(width, width, 3, padding=1), norm(width), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), norm(2 * width), nn.ReLU()),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
 
 
-class ShardedSimSiam(TinySimSiam):
-    """TinySimSiam with the staged backbone, its stages and the module itself ``fully_shard``-ed."""
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(1, channels)
 
-    def __init__(self) -> None:
+
+class ShardedSimSiam(TinySimSiam):
+    """TinySimSiam with the staged backbone, its stages and the module itself ``fully_shard``-ed.
+
+    With ``mixed_precision``, every group gathers its parameters in bfloat16 (``MixedPrecisionPolicy``); the norms
+    are GroupNorm and the projection head has none, since CPU BatchNorm cannot mix bfloat16 weights with float32
+    running statistics.
+    """
+
+    def __init__(self, mixed_precision: bool = False) -> None:
         super().__init__()
-        self.backbone = staged_cnn()
+        self.mixed_precision = mixed_precision
+        self.backbone = staged_cnn(norm=_group_norm if mixed_precision else nn.BatchNorm2d)
+        if mixed_precision:
+            self.projection_head[1] = nn.Identity()
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if self.mixed_precision else MixedPrecisionPolicy()
         for stage in (self.backbone[3], self.backbone[4]):
-            fully_shard(stage, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+            fully_shard(stage, mesh=mesh, mp_policy=policy)
+        fully_shard(self, mesh=mesh, mp_policy=policy)
 
 
 class FailOnRank:
@@ -134,6 +147,7 @@ def main() -> None:
     parser.add_argument("--fail-on-rank", type=int, default=None, help="inject a failure on this rank")
     parser.add_argument("--fail", choices=("forward", "log"), default="forward", help="where the failure happens")
     parser.add_argument("--layer", default="backbone.4", help="'auto' for layer=None (discovery on every rank)")
+    parser.add_argument("--mixed-precision", action="store_true", help="bfloat16 parameters in forward (FSDP2 policy)")
     args = parser.parse_args()
 
     seed_everything(0)
@@ -166,7 +180,7 @@ def main() -> None:
         enable_checkpointing=False,
         deterministic=True,
     )
-    model = ShardedSimSiam()
+    model = ShardedSimSiam(mixed_precision=args.mixed_precision)
     report: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
