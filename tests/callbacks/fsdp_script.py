@@ -8,7 +8,7 @@ Each rank writes ``rank<r>.json`` (what it logged, the step reached or the error
 warnings, the collectives issued inside each training batch) and ``rank<r>.pt`` (the full, gathered state dict
 after training).
 
-Usage: ``fsdp_script.py OUT [--monitor none|strict|lenient] [--fail-on-rank R [--fail forward|log]]
+Usage: ``fsdp_script.py OUT [--monitor none|strict|lenient] [--fail-on-rank R [--fail forward|forward-start|log]]
 [--layer NAME|auto] [--mixed-precision]``.
 """
 
@@ -75,16 +75,24 @@ class ShardedSimSiam(TinySimSiam):
 
 
 class FailOnRank:
-    """A ``forward_fn`` that fails on one rank only, inside the model's forward (after the stem, before stage 2)."""
+    """A ``forward_fn`` that fails on one rank only.
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    ``where="middle"``: inside the model's forward, in stage 2 after FSDP's pre-forward ran (FSDP's state is left
+    "in forward"); ``where="start"``: before the model runs (the other ranks' forward would meet no peer in any
+    collective it issued).
+    """
+
+    def __init__(self, rank: int, where: str) -> None:
+        self.rank, self.where = rank, where
 
     def __call__(self, module: nn.Module, images: torch.Tensor) -> object:
         def fail(*_: object) -> None:
             raise RuntimeError(f"injected failure on rank {self.rank}")
 
-        handle = module.backbone[4].register_forward_pre_hook(fail) if module.global_rank == self.rank else None
+        failing = module.global_rank == self.rank
+        if failing and self.where == "start":
+            fail()
+        handle = module.backbone[4].register_forward_pre_hook(fail) if failing else None
         try:
             return module.backbone(images)
         finally:
@@ -145,7 +153,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--monitor", choices=("none", "strict", "lenient"), default="strict")
     parser.add_argument("--fail-on-rank", type=int, default=None, help="inject a failure on this rank")
-    parser.add_argument("--fail", choices=("forward", "log"), default="forward", help="where the failure happens")
+    parser.add_argument("--fail", choices=("forward", "forward-start", "log"), default="forward", help="where")
     parser.add_argument("--layer", default="backbone.4", help="'auto' for layer=None (discovery on every rank)")
     parser.add_argument("--mixed-precision", action="store_true", help="bfloat16 parameters in forward (FSDP2 policy)")
     args = parser.parse_args()
@@ -155,8 +163,9 @@ def main() -> None:
     callbacks: list[Callback] = [counter]
     monitor = None
     if args.monitor != "none":
-        fail_forward = args.fail_on_rank is not None and args.fail == "forward"
-        forward_fn = FailOnRank(args.fail_on_rank) if fail_forward else None
+        fail_forward = args.fail_on_rank is not None and args.fail.startswith("forward")
+        forward_fn = FailOnRank(args.fail_on_rank, "start" if args.fail == "forward-start" else "middle")
+        forward_fn = forward_fn if fail_forward else None
         monitor = SaliencyMonitor(
             torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)),  # leaves the global RNG alone
             layer=None if args.layer == "auto" else args.layer,

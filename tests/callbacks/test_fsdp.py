@@ -112,8 +112,9 @@ def test_fsdp2_failure_inside_the_forward_on_one_rank_skips_on_every_rank(tmp_pa
         assert reports[rank]["collectives_per_batch"] == baseline_reports[rank]["collectives_per_batch"]
 
 
-def test_fsdp2_strict_failure_inside_the_forward_on_rank_zero_raises_on_every_rank(tmp_path):
-    code, output, reports = _run(tmp_path, "--monitor", "strict", "--fail-on-rank", "0")
+def test_fsdp2_strict_failure_before_the_forward_on_rank_zero_raises_on_every_rank(tmp_path):
+    # Rank zero fails before its model runs: rank one's forward must need no collective (all gathered up front).
+    code, output, reports = _run(tmp_path, "--monitor", "strict", "--fail-on-rank", "0", "--fail", "forward-start")
     assert code != 0, output[-3000:]
     assert reports[0]["error"] == "RuntimeError: injected failure on rank 0"
     assert reports[1]["error"].startswith("RuntimeError: SaliencyMonitor failed at step 0 on rank 0 (rank 0: ")
