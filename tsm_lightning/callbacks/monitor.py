@@ -112,6 +112,7 @@ class SaliencyMonitorMixin:
             faithfulness_every_n_runs: also log the embedding-faithfulness metrics (embedding drop, deletion and
                 insertion AUC, each beside a random map) every this many monitor runs; they cost about
                 ``2 * faithfulness_steps * (methods + 1)`` extra probe forward passes. ``None`` (default): never.
+                Not supported with sharded parameters (FSDP, DeepSpeed ZeRO-3).
             faithfulness_steps: steps of the deletion/insertion curves.
             embed_fn: ``embed_fn(images) -> (B, D)`` embedding for the faithfulness metrics; default: the monitored
                 forward's output (the pooled backbone output for ``"backbone.*"`` layers), flattened.
@@ -217,8 +218,8 @@ class SaliencyMonitorMixin:
             if self.faithfulness_every_n_runs is not None:
                 raise ValueError(
                     "SaliencyMonitor(faithfulness_every_n_runs=...) is not supported with sharded parameters "
-                    f"({self._sharding.kind}): its extra forward passes run on rank zero only. Set "
-                    "faithfulness_every_n_runs=None, or explain saved checkpoints with `tsm-lightning explain`."
+                    f"({self._sharding.kind}): its extra forward passes would run on rank zero only. Set "
+                    "faithfulness_every_n_runs=None."
                 )
             error = None
             try:
@@ -229,7 +230,7 @@ class SaliencyMonitorMixin:
             if error is not None:
                 raise error
             if failures:
-                raise RuntimeError(f"SaliencyMonitor could not start on {_ranks(failures)}.")
+                raise RuntimeError(f"SaliencyMonitor could not start on {_ranks(failures)} ({_reasons(failures)}).")
         if trainer.is_global_zero:
             self._tell_samples_per_plugin(trainer)
         if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
@@ -245,7 +246,7 @@ class SaliencyMonitorMixin:
         self._check_probe_device(pl_module)
         if self._resolved_layer is None:
             target = search_root(pl_module)[1] if self.forward_fn is None else pl_module
-            with self._gathered(pl_module, target):
+            with self._gathered(target):
                 self._resolved_layer = self._discover_layer(pl_module)
 
     def _resolve_probe(self, trainer: Any) -> Probe:
@@ -398,7 +399,7 @@ class SaliencyMonitorMixin:
             self._skip_or_raise(step, {0: f"{type(error).__name__}: {error}"}, error)
 
     def _skip_or_raise(self, step: int, failures: dict[int, str], error: Exception | None) -> None:
-        reasons = "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
+        reasons = _reasons(failures)
         if self.strict:
             if error is not None:
                 raise error
@@ -413,7 +414,7 @@ class SaliencyMonitorMixin:
             stacklevel=3,
         )
 
-    def _gathered(self, pl_module: Any, target: Any) -> contextlib.AbstractContextManager[None]:
+    def _gathered(self, target: Any) -> contextlib.AbstractContextManager[None]:
         # Full parameters for a forward that calls `target`; a no-op unless they are sharded.
         if self._sharding is None:
             return contextlib.nullcontext()
@@ -433,7 +434,8 @@ class SaliencyMonitorMixin:
         Args:
             pl_module: the LightningModule.
             features: features already captured by the probe forward (under sharding, every rank runs it before
-                rank zero computes the maps); ``None`` runs the forward here.
+                rank zero computes the maps); ``None`` runs the forward here, which during a sharded fit must happen
+                on every rank.
 
         Returns:
             ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``.
@@ -450,7 +452,7 @@ class SaliencyMonitorMixin:
         with (
             preserved_rng(),
             _autocast_off(images.device),
-            self._gathered(pl_module, forward_target(pl_module, self._resolved_layer)),
+            self._gathered(forward_target(pl_module, self._resolved_layer)),
             capture(pl_module, self._resolved_layer) as cap,
         ):
             self._forward(pl_module, images)
@@ -594,8 +596,10 @@ class SaliencyMonitor(SaliencyMonitorMixin, Callback):
     ``trainer.default_root_dir/saliency``.
 
     It has no side effects on training: it runs on global rank zero only and calls the unwrapped LightningModule
-    (no DDP collective; SyncBatchNorm in eval mode does not communicate); every sub-module's train/eval flag is
-    restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
+    (no DDP collective; SyncBatchNorm in eval mode does not communicate), except with sharded parameters (FSDP,
+    DeepSpeed ZeRO-3), where every rank runs the probe forward with the parameters gathered (see
+    :mod:`tsm_lightning.callbacks.sharding`) and rank zero alone computes and logs; every sub-module's train/eval
+    flag is restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
     the global RNG streams are left as they were. Errors inside the monitor become a warning (or are raised with
     ``strict=True``).
 
@@ -617,6 +621,10 @@ def _info(message: str) -> None:
 def _ranks(failures: dict[int, str]) -> str:
     ranks = sorted(failures)
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _reasons(failures: dict[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
 
 
 def _is_tensorboard(logger: Any) -> bool:

@@ -11,7 +11,8 @@ What :meth:`Sharding.gathered` does, per strategy:
 * **FSDP2** (``fully_shard``; Lightning's ``ModelParallelStrategy``): before the forward, the ``fully_shard`` -ed
   modules above the called module (their forward does not run, e.g. a ``fully_shard`` -ed LightningModule whose
   group holds the stem) and inside it are gathered with ``FSDPModule.unshard()``, so the forward itself issues no
-  collective and a failure in it on one rank cannot leave another blocked; afterwards every module that was
+  collective (unless a ``forward_fn`` also runs other sharded modules) and a failure in it on one rank cannot leave
+  another blocked; afterwards every module that was
   sharded before is ``reshard()`` -ed. The inputs are cast as the skipped pre-forward above would cast them
   (``MixedPrecisionPolicy.param_dtype``). FSDP's per-iteration bookkeeping that a forward appends to (the
   post-forward order used for backward prefetching) is restored, so the next training step issues exactly the
@@ -19,9 +20,14 @@ What :meth:`Sharding.gathered` does, per strategy:
   training forward would do, so that a probe forward before the first training step does not make a nested
   module the root.
 * **FSDP1** (``FSDPStrategy``): the ``FullyShardedDataParallel`` instances above the called module are gathered
-  with ``summon_full_params(recurse=False, writeback=False)``; nested instances gather themselves in their forward.
+  with ``summon_full_params(recurse=False, writeback=False)``; nested instances gather themselves in their forward
+  (a forward must not start inside its own ``summon_full_params``).
 * **DeepSpeed ZeRO stage 3** and tensor-parallel ``DTensor`` parameters: the strategy's own module hooks gather
   during the forward; nothing else is needed.
+
+With FSDP1 and ZeRO-3 the forward itself issues collectives, so a failure half-way through it on one rank only can
+leave the other ranks waiting in one of them until the process group's timeout; the agreement covers failures
+before and after the forward, and under FSDP2 also those inside it.
 
 Only FSDP2 is tested (2 CPU processes, gloo); FSDP1 and DeepSpeed need GPUs.
 """
