@@ -470,7 +470,8 @@ class SaliencyMonitorMixin:
             features: the probe's features when every rank already ran the probe forward (sharded training).
         """
         step = trainer.global_step
-        features, maps = self.compute(pl_module, features)
+        # compute(pl_module) unless the features exist already: overrides of the one-argument form keep working
+        features, maps = self.compute(pl_module) if features is None else self.compute(pl_module, features)
         images = self._display_images()
         size = (images.shape[-2], images.shape[-1])
         overlays = {
