@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from tsm_lightning.callbacks.sharding import Sharding, detect_sharding, full_features
 from tsm_lightning.capture import (
     capture,
     check_feature_map,
@@ -143,6 +144,7 @@ class SaliencyMonitorMixin:
             faithfulness_every_n_runs: also log the embedding-faithfulness metrics (embedding drop, deletion and
                 insertion AUC, each beside a random map) every this many monitor runs; they cost about
                 ``2 * faithfulness_steps * (methods + 1)`` extra probe forward passes. ``None`` (default): never.
+                Not supported with sharded parameters (FSDP, DeepSpeed ZeRO-3).
             faithfulness_steps: steps of the deletion/insertion curves.
             embed_fn: ``embed_fn(images) -> (B, D)`` embedding for the faithfulness metrics; default: the monitored
                 forward's output (the pooled backbone output for ``"backbone.*"`` layers), flattened.
@@ -227,6 +229,7 @@ class SaliencyMonitorMixin:
         self._last_attempted_step: int | None = None
         self._told_samples_per_plugin = False
         self._layout_written = False
+        self._sharding: Sharding | None = None
 
     # ------------------------------------------------------------------------------------------------ identity
     @property
@@ -245,17 +248,51 @@ class SaliencyMonitorMixin:
             self.probe = build_probe(self.probe_source, self.num_images, masks=self.masks)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Resolve the probe and the layer (errors surface here, before the first step), log the baseline."""
-        if not trainer.is_global_zero:
+        """Resolve the probe and the layer (errors surface here, before the first step), log the baseline.
+
+        Global rank zero only, unless the parameters are sharded (FSDP, DeepSpeed ZeRO-3): then every rank builds
+        the same probe (deterministically) and discovers the layer with a probe forward, and an error on any rank
+        is raised on all of them.
+        """
+        self._sharding = detect_sharding(trainer, pl_module)
+        if not self._runs_here(trainer):
             return
+        if self._sharding is None:
+            self._prepare(trainer, pl_module)
+        else:
+            if self.faithfulness_every_n_runs is not None:
+                raise ValueError(
+                    "SaliencyMonitor(faithfulness_every_n_runs=...) is not supported with sharded parameters "
+                    f"({self._sharding.kind}): its extra forward passes would run on rank zero only. Set "
+                    "faithfulness_every_n_runs=None."
+                )
+            error = None
+            try:
+                self._prepare(trainer, pl_module)
+            except Exception as err:
+                error = err
+            failures = self._sharding.agree(error)
+            if error is not None:
+                raise error
+            if failures:
+                raise RuntimeError(f"SaliencyMonitor could not start on {_ranks(failures)} ({_reasons(failures)}).")
+        if trainer.is_global_zero:
+            self._tell_samples_per_plugin(trainer)
+        if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
+            self._run_guarded(trainer, pl_module)
+
+    def _runs_here(self, trainer: Any) -> bool:
+        # Rank zero alone, unless the parameters are sharded: then gathering them needs every rank.
+        return bool(trainer.is_global_zero) or self._sharding is not None
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> None:
         if self.probe is None:
             self.probe = self._resolve_probe(trainer)
         self._check_probe_device(pl_module)
         if self._resolved_layer is None:
-            self._resolved_layer = self._discover_layer(pl_module)
-        self._tell_samples_per_plugin(trainer)
-        if self.log_on_fit_start and self.last_logged_step != trainer.global_step:
-            self._run_guarded(trainer, pl_module)
+            target = search_root(pl_module)[1] if self.forward_fn is None else pl_module
+            with self._gathered(target):
+                self._resolved_layer = self._discover_layer(pl_module)
 
     def _resolve_probe(self, trainer: Any) -> Probe:
         source = self.probe_source
@@ -346,7 +383,7 @@ class SaliencyMonitorMixin:
     # ------------------------------------------------------------------------------------------------ cadence
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Run every ``every_n_steps`` optimizer steps."""
-        if self.every_n_steps is None or not trainer.is_global_zero:
+        if self.every_n_steps is None or not self._runs_here(trainer):
             return
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self.last_logged_step:
@@ -354,19 +391,22 @@ class SaliencyMonitorMixin:
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Run at the end of every ``every_n_epochs`` epochs."""
-        if self.every_n_epochs is None or not trainer.is_global_zero:
+        if self.every_n_epochs is None or not self._runs_here(trainer):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.global_step != self.last_logged_step:
             self._run_guarded(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final state once, unless this step was just logged (or just failed to be)."""
-        if self.log_on_fit_end and trainer.is_global_zero and trainer.global_step != self._last_attempted_step:
+        if self.log_on_fit_end and self._runs_here(trainer) and trainer.global_step != self._last_attempted_step:
             self._run_guarded(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------ one run
     def _run_guarded(self, trainer: Any, pl_module: Any) -> None:
         self._last_attempted_step = trainer.global_step
+        if self._sharding is not None:
+            self._run_sharded(trainer, pl_module, self._sharding)
+            return
         try:
             self.run(trainer, pl_module)
         except Exception as err:
@@ -379,6 +419,58 @@ class SaliencyMonitorMixin:
                 stacklevel=2,
             )
 
+    def _run_sharded(self, trainer: Any, pl_module: Any, sharding: Sharding) -> None:
+        """One run with sharded parameters, on every rank: the probe forward everywhere, maps and logs on rank zero.
+
+        The ranks agree on the forward's outcome before anyone goes on (with ``strict=True`` also on rank zero's
+        logging), so a failure on any rank makes all of them skip (warning) or raise (``strict=True``).
+        """
+        step = trainer.global_step
+        captured, error = None, None
+        try:
+            captured = self._capture_probe(pl_module)
+        except Exception as err:
+            error = err
+        failures = sharding.agree(error)
+        if failures:
+            self._skip_or_raise(step, failures, error)
+            return
+        self.last_logged_step = step  # on every rank, so that all of them run at the same steps
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.run(trainer, pl_module, captured)
+            except Exception as err:
+                error = err
+        if self.strict:
+            failures = sharding.agree(error)
+            if failures:
+                self._skip_or_raise(step, failures, error)
+        elif error is not None:
+            self._skip_or_raise(step, {0: f"{type(error).__name__}: {error}"}, error)
+
+    def _skip_or_raise(self, step: int, failures: dict[int, str], error: Exception | None) -> None:
+        reasons = _reasons(failures)
+        if self.strict:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"SaliencyMonitor failed at step {step} on {_ranks(failures)} ({reasons}); stopping every rank "
+                "because strict=True."
+            )
+        warnings.warn(
+            f"SaliencyMonitor skipped step {step} on every rank ({reasons}). Training continues; pass strict=True "
+            "to stop on such errors.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _gathered(self, target: Any) -> contextlib.AbstractContextManager[None]:
+        # Full parameters for a forward that calls `target`; a no-op unless they are sharded.
+        if self._sharding is None or target is None:
+            return contextlib.nullcontext()
+        return self._sharding.gathered(target)
+
     def _model_input(self, pl_module: Any) -> Tensor:
         assert self.probe is not None
         images = self.probe.images
@@ -387,38 +479,68 @@ class SaliencyMonitorMixin:
             images = images.to(param.dtype)  # e.g. precision="bf16-true"
         return images
 
-    def _capture(self, module: Any, layer: str, forward: Callable[[Tensor], object]) -> tuple[Tensor, object]:
-        """Run ``forward`` on the probe with ``layer`` of ``module`` captured: ``(features float32, output)``."""
+    def _capture(
+        self, module: Any, layer: str, forward: Callable[[Tensor], object], gathered: Any = None
+    ) -> tuple[Tensor, object]:
+        """Run ``forward`` on the probe with ``layer`` of ``module`` captured: ``(features float32, output)``.
+
+        ``gathered`` is the module the forward calls, whose parameters are gathered first when they are sharded.
+        """
         assert self.probe is not None
         images = self._model_input(module)
-        with preserved_rng(), autocast_off(images.device), capture(module, layer) as cap:
+        with (
+            preserved_rng(),
+            autocast_off(images.device),
+            self._gathered(gathered),
+            capture(module, layer) as cap,
+        ):
             output = forward(images)
-        features = check_feature_map(cap.features, layer).float()
+        features = check_feature_map(full_features(cap.features), layer).float()
         if not bool(torch.isfinite(features).all()):
             raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
+        if isinstance(output, Tensor):
+            output = full_features(output.detach())
         return features, output
 
     def _maps(self, features: Tensor) -> dict[str, Tensor]:
         return saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
 
-    def compute(self, pl_module: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(self, pl_module: Any, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
+
+        Args:
+            pl_module: the LightningModule.
+            features: features already captured by the probe forward (under sharding, every rank runs it before
+                rank zero computes the maps); ``None`` runs the forward here, which during a sharded fit must happen
+                on every rank.
 
         Returns:
             ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``, for every probe
             image.
         """
-        features, _ = self._capture_probe(pl_module)
+        if features is None:
+            features, _ = self._capture_probe(pl_module)
         return features, self._maps(features)
 
     def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
+        # The probe forward (on every rank when the parameters are sharded): (features, forward output).
         assert self._resolved_layer is not None
-        return self._capture(pl_module, self._resolved_layer, lambda images: self._forward(pl_module, images))
+        layer = self._resolved_layer
+        return self._capture(
+            pl_module, layer, lambda images: self._forward(pl_module, images), forward_target(pl_module, layer)
+        )
 
-    def run(self, trainer: Any, pl_module: Any) -> None:
-        """Compute and log the maps and metrics for the current step (rank zero only)."""
+    def run(self, trainer: Any, pl_module: Any, captured: tuple[Tensor, object] | None = None) -> None:
+        """Compute and log the maps and metrics for the current step (rank zero only).
+
+        Args:
+            trainer: the ``Trainer``.
+            pl_module: the LightningModule.
+            captured: ``(features, forward output)`` when every rank already ran the probe forward (sharded
+                training); ``None`` runs it here.
+        """
         step = trainer.global_step
-        features, output = self._capture_probe(pl_module)
+        features, output = captured if captured is not None else self._capture_probe(pl_module)
         maps = self._maps(features)
         inputs, tiles = self._display_tiles()
         shown = {name: m[: inputs.shape[0]] for name, m in maps.items()}
@@ -492,15 +614,15 @@ class SaliencyMonitorMixin:
         assert self._resolved_layer is not None
         layer = self._resolved_layer
         target = forward_target(pl_module, layer)
-        if self.forward_fn is not None or target is pl_module:
-            return {}
+        if self.forward_fn is not None or target is pl_module or self._sharding is not None:
+            return {}  # no copy of a user-defined forward, of the whole module, or of sharded parameters
         fresh = copy.deepcopy(target)
         with preserved_rng(self.seed + 1):
             for module in fresh.modules():
                 reset = getattr(module, "reset_parameters", None)
                 if callable(reset):
                     reset()
-        features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh)
+        features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh)
         del fresh
         maps = {name: m.detach().cpu() for name, m in self._maps(features).items()}
         return {
@@ -584,8 +706,10 @@ class SaliencyMonitor(SaliencyMonitorMixin, Callback):
     ``trainer.default_root_dir/saliency``.
 
     It has no side effects on training: it runs on global rank zero only and calls the unwrapped LightningModule
-    (no DDP collective; SyncBatchNorm in eval mode does not communicate); every sub-module's train/eval flag is
-    restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
+    (no DDP collective; SyncBatchNorm in eval mode does not communicate), except with sharded parameters (FSDP,
+    DeepSpeed ZeRO-3), where every rank runs the probe forward with the parameters gathered (see
+    :mod:`tsm_lightning.callbacks.sharding`) and rank zero alone computes and logs; every sub-module's train/eval
+    flag is restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
     the global RNG streams are left as they were. Errors inside the monitor become a warning (or are raised with
     ``strict=True``).
 
@@ -602,6 +726,15 @@ def _info(message: str) -> None:
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(message)
+
+
+def _ranks(failures: dict[int, str]) -> str:
+    ranks = sorted(failures)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _reasons(failures: dict[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
 
 
 def _is_tensorboard(logger: Any) -> bool:
