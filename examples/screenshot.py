@@ -1,6 +1,8 @@
-"""Take a screenshot of TensorBoard's images tab for a log folder, in headless Chromium.
+"""Take a screenshot of TensorBoard's images or scalars tab for a log folder, in headless Chromium.
 
     python examples/screenshot.py --logdir runs --out docs/tensorboard_images.png
+    python examples/screenshot.py --logdir runs --page scalars --filter 'tsm/pointing_game|random/pointing_game' \
+        --out docs/pointing_game.png
 
 Starts ``tensorboard`` on localhost, waits until it serves the run, then has Debian's ``chromium`` render the
 images dashboard headless (flags suited to a machine without network or GPU) and write a PNG.
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--browser", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--size", default="1400,1000", help="window size W,H")
     parser.add_argument("--wait", type=float, default=12.0, help="seconds the page gets to render")
+    parser.add_argument("--page", choices=("images", "scalars"), default="images", help="TensorBoard tab")
+    parser.add_argument("--filter", default="saliency/(tsm|all)", help="TensorBoard's tag filter (a regex)")
     args = parser.parse_args(argv)
     if not Path(args.browser).exists():
         sys.exit(f"error: no browser at {args.browser}; install Debian's chromium (apt-get install chromium).")
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--hide-scrollbars",
                     f"--virtual-time-budget={int(args.wait * 1000)}",
                     f"--screenshot={out}",
-                    f"{base}/?darkMode=false#images&tagFilter=saliency%2F(tsm%7Call)",
+                    f"{base}/?darkMode=false#{args.page}&tagFilter={urllib.parse.quote(args.filter, safe='')}",
                 ],
                 check=True,
                 timeout=120,
