@@ -73,7 +73,8 @@ def tucker_factors(acts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image, the full-rank tensorly Tucker (numpy backend, as the paper runs it): ``(A1, core slice norms)``.
 
     Args:
-        acts: ``(B, C, h, w)`` activations with ``C <= h * w`` (so that ``A1`` is a well-defined ``C x C`` basis).
+        acts: ``(B, C, h, w)`` activations. With ``C > h * w`` the last ``C - h * w`` columns of ``A1`` span the
+            null space of the unfolding (an arbitrary basis, as LAPACK returns it) and their core slices are zero.
 
     Returns:
         One ``(A1 (C, C), norms (C,))`` pair per image.
@@ -87,25 +88,33 @@ def tucker_factors(acts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def authors_code_tsm(acts: np.ndarray) -> np.ndarray:
+def authors_code_tsm(acts: np.ndarray, factors: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """TSM with the first *row* of each stacked channel factor (the authors' code as we read it; module doc).
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+        factors: :func:`tucker_factors` of ``acts`` if already computed.
 
     Returns:
         ``(B, h, w)`` maps, min-max normalised.
     """
-    stacked = np.stack([a1 for a1, _ in tucker_factors(acts)])  # (B, C, C)
+    stacked = np.stack([a1 for a1, _ in factors or tucker_factors(acts)])  # (B, C, C)
     rows = stacked[:, 0]  # (B, C): A1[0, :] of each image
     return np.stack([minmax(np.abs(np.einsum("chw,c->hw", act, row))) for act, row in zip(acts, rows, strict=True)])
 
 
-def mtsm_abs_after_sum(acts: np.ndarray) -> np.ndarray:
+def mtsm_abs_after_sum(acts: np.ndarray, factors: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """``|sum_k s_k P_k| / sum_k s_k`` with ``P_k = sum_c F[c] A1[c, k]`` (tensorly's factors and signs).
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+        factors: :func:`tucker_factors` of ``acts`` if already computed.
 
     Returns:
         ``(B, h, w)`` maps, min-max normalised.
     """
     out = []
-    for act, (a1, norms) in zip(acts.astype(np.float64), tucker_factors(acts), strict=True):
+    for act, (a1, norms) in zip(acts.astype(np.float64), factors or tucker_factors(acts), strict=True):
         proj = np.einsum("chw,ck->khw", act, a1)
         out.append(minmax(np.abs((norms[:, None, None] * proj).sum(axis=0)) / norms.sum()))
     return np.stack(out)
