@@ -2,6 +2,10 @@
 
 * :class:`SyntheticShapes` -- one to three objects on textured backgrounds, deterministic per ``(seed, index)``,
   returning ``(image_or_views, mask)``; plugs into lightly's multi-view transforms.
+* :class:`TexturedObjects` -- one textured object over clutter of matching contrast (no colour, contrast or
+  position shortcut), deterministic per ``(seed, index)``, returning ``(image_or_views, mask)``;
+  :class:`BackgroundSwapViews` gives self-supervised views that share the object over fresh clutter, returning
+  ``(views, index)``.
 * :class:`ImageFolder` -- a flat or nested folder of real photos, returning ``(image_or_views, index)``.
 * :func:`find_image_files`, :func:`load_images` -- file, folder and glob handling shared with the CLI.
 """
@@ -16,18 +20,32 @@ from tsm_lightning.data.folder import (
     resize_center_crop,
 )
 from tsm_lightning.data.synthetic import HELDOUT_SEED_OFFSET, SHAPES, SyntheticObject, SyntheticShapes, sample_seed
+from tsm_lightning.data.textured import (
+    OBJECT_SHAPES,
+    TEXTURES,
+    BackgroundSwapViews,
+    TexturedObject,
+    TexturedObjects,
+    view_augmentation,
+)
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",
     "IMAGE_EXTENSIONS",
+    "OBJECT_SHAPES",
     "SHAPES",
+    "TEXTURES",
+    "BackgroundSwapViews",
     "ImageFolder",
     "SyntheticObject",
     "SyntheticShapes",
+    "TexturedObject",
+    "TexturedObjects",
     "find_image_files",
     "load_image",
     "load_images",
     "open_rgb",
     "resize_center_crop",
     "sample_seed",
+    "view_augmentation",
 ]
