@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from tsm_lightning.data import SyntheticShapes
+from tsm_lightning.data import SyntheticShapes, TexturedObjects
 from tsm_lightning.probe import DEFAULT_NUM_IMAGES, build_probe, unwrap_batch
 
 
@@ -73,10 +73,11 @@ def test_masks_of_a_deterministic_dataset_are_kept():
     assert torch.equal(probe.images, images) and torch.equal(probe.masks, masks)
 
 
-def test_synthetic_shapes_with_an_augmenting_transform_give_a_plain_probe():
+@pytest.mark.parametrize(("cls", "size"), [(SyntheticShapes, 16), (TexturedObjects, 32)])
+def test_built_in_data_with_an_augmenting_transform_gives_a_plain_probe(cls, size):
     flip = lambda pil: pil_to_tensor(pil.transpose(0) if torch.rand(()) < 0.5 else pil).float() / 255  # noqa: E731
-    probe = build_probe(SyntheticShapes(6, image_size=16, seed=3, transform=flip))
-    images, masks = SyntheticShapes(6, image_size=16, seed=3).probe(6)
+    probe = build_probe(cls(6, image_size=size, seed=3, transform=flip))
+    images, masks = cls(6, image_size=size, seed=3).probe(6)
     assert torch.equal(probe.images, images) and torch.equal(probe.masks, masks)
 
 

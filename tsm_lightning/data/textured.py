@@ -311,6 +311,13 @@ class TexturedObjects(Dataset):
         masks = torch.cat([c[1] for c in chunks])
         return (_normalize(images) if normalize else images), masks
 
+    def without_augmentation(self) -> TexturedObjects:
+        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
+
+        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random.
+        """
+        return TexturedObjects(self.num_samples, self.image_size, self.seed, None, normalize=True)
+
     def held_out(self, num_samples: int = 256) -> TexturedObjects:
         """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
 
