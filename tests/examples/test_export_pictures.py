@@ -9,9 +9,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 
-from export_pictures import export  # noqa: E402
+from export_pictures import export
 
-from tsm_lightning import SaliencyMonitor  # noqa: E402
+from tsm_lightning import SaliencyMonitor
 
 
 def test_export_writes_the_logged_pngs_of_the_first_and_last_step(tmp_path):
