@@ -1,10 +1,13 @@
-"""Localization benchmark: do the demo model's saliency maps find the objects of held-out synthetic images?
+"""Localization benchmark: do an example model's saliency maps find the objects of held-out built-in images?
 
-For a trained checkpoint of an example (default: the demo's MoCo v2) and for the same architecture at its
-initialisation (same seed as training), this computes every method's maps on held-out ``SyntheticShapes`` images
-(never seen in training) and reports the pointing game and energy-in-mask next to a random-map baseline and the
-chance level (the mean mask area: what a uniform map scores on energy-in-mask).
+For a trained checkpoint of an example and for the same architecture at its initialisation (same seed as
+training), this computes every method's maps on held-out images of the built-in data (never seen in training) and
+reports the pointing game and energy-in-mask next to a random-map baseline and the chance level (the mean mask
+area: what a uniform map scores on energy-in-mask, and about what a random map scores on the pointing game).
 
+    # the demo: SimCLR on TexturedObjects (the data defaults to 'textured' for simclr, 'synthetic' otherwise)
+    .venv/bin/python benchmarks/localization.py --example simclr \
+        --checkpoint runs/simclr/version_0/checkpoints/last.ckpt
     .venv/bin/python benchmarks/localization.py --checkpoint runs/moco_v2/version_0/checkpoints/last.ckpt
 """
 
@@ -20,19 +23,21 @@ import torch
 from lightning.pytorch import seed_everything
 
 from tsm_lightning import METHODS, explain
-from tsm_lightning.data import SyntheticShapes
+from tsm_lightning.data import SyntheticShapes, TexturedObjects
 from tsm_lightning.metrics import energy_in_mask, pointing_game, random_maps
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
+
+CLASSES = {"simclr": "SimCLR", "moco_v2": "MoCoV2", "swav": "SwaV", "barlow_twins": "BarlowTwins", "vicreg": "VICReg"}
+DATASETS = {"synthetic": SyntheticShapes, "textured": TexturedObjects}
 
 
 def _model_class(example: str) -> type:
     import importlib
 
     module = importlib.import_module(example)
-    classes = {"moco_v2": "MoCoV2", "swav": "SwaV", "barlow_twins": "BarlowTwins", "vicreg": "VICReg"}
-    return getattr(module, classes[example])
+    return getattr(module, CLASSES[example])
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, layer: str, batch: int = 64):
@@ -52,7 +57,13 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the trained example's Lightning checkpoint")
-    parser.add_argument("--example", default="moco_v2", choices=("moco_v2", "swav", "barlow_twins", "vicreg"))
+    parser.add_argument("--example", default="moco_v2", choices=tuple(CLASSES))
+    parser.add_argument(
+        "--data",
+        default=None,
+        choices=tuple(DATASETS),
+        help="built-in data (default: textured for simclr, else synthetic)",
+    )
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--layer", default=None, help="default: the examples' rule (deepest stage with >= 7x7)")
@@ -66,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed, verbose=False)
     untrained = cls(**trained.hparams).eval()
     layer = args.layer or default_layer(trained.hparams.get("stem", "imagenet"), args.image_size)
+    data = args.data or ("textured" if args.example == "simclr" else "synthetic")
 
-    held_out = SyntheticShapes(image_size=args.image_size, seed=args.seed).held_out(args.num_images)
+    held_out = DATASETS[data](image_size=args.image_size, seed=args.seed).held_out(args.num_images)
     images, masks = held_out.probe(args.num_images)
     results = {
         "initialisation": evaluate(untrained, images, masks, layer),
@@ -81,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     chance = float(masks.float().mean())
 
     print(
-        f"Localization on {args.num_images} held-out SyntheticShapes images ({args.image_size} px), "
-        f"{args.example} layer {layer!r}; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"Localization on {args.num_images} held-out {DATASETS[data].__name__} images ({args.image_size} px), "
+        f"{args.example} ({trained.hparams.get('arch', 'resnet18')}, {trained.hparams.get('stem', 'imagenet')} stem) "
+        f"layer {layer!r}; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}"
     )
     print(f"checkpoint: {args.checkpoint}\n")

@@ -16,17 +16,17 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import parse_args, resnet18_backbone, run
+from common import make_backbone, parse_args, run
 
 
 class BarlowTwins(LightningModule):
     """Barlow Twins: redundancy reduction between the embeddings of two views."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.001) -> None:
+    def __init__(self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = resnet18_backbone(stem)
-        self.projection_head = BarlowTwinsProjectionHead(512, 1024, 1024)
+        self.backbone, width = make_backbone(arch, stem)
+        self.projection_head = BarlowTwinsProjectionHead(width, 1024, 1024)
         self.criterion = BarlowTwinsLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class BarlowTwins(LightningModule):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = BarlowTwins(stem=args.stem, lr=args.lr)
+    model = BarlowTwins(arch=args.arch, stem=args.stem, lr=args.lr)
     size = args.image_size
     transform = BYOLTransform(
         view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),

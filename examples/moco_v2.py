@@ -20,17 +20,19 @@ from lightly.transforms import MoCoV2Transform
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import parse_args, resnet18_backbone, run
+from common import make_backbone, parse_args, run
 
 
 class MoCoV2(LightningModule):
     """MoCo v2: query encoder, momentum key encoder, InfoNCE against a memory bank."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.06, memory_bank_size: int = 4096) -> None:
+    def __init__(
+        self, stem: str = "imagenet", lr: float = 0.06, memory_bank_size: int = 4096, arch: str = "resnet18"
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = resnet18_backbone(stem)
-        self.projection_head = MoCoProjectionHead(512, 512, 128)
+        self.backbone, width = make_backbone(arch, stem)
+        self.projection_head = MoCoProjectionHead(width, 512, 128)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
@@ -62,7 +64,7 @@ class MoCoV2(LightningModule):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = MoCoV2(stem=args.stem, lr=args.lr)
+    model = MoCoV2(arch=args.arch, stem=args.stem, lr=args.lr)
     transform = MoCoV2Transform(input_size=args.image_size, gaussian_blur=0.0)
     run(model, transform, args, name="moco_v2")
 

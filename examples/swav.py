@@ -17,17 +17,19 @@ from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms import SwaVTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import parse_args, resnet18_backbone, run
+from common import make_backbone, parse_args, run
 
 
 class SwaV(LightningModule):
     """SwAV: swapped prediction of Sinkhorn cluster assignments between crops."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.001, n_prototypes: int = 64) -> None:
+    def __init__(
+        self, stem: str = "imagenet", lr: float = 0.001, n_prototypes: int = 64, arch: str = "resnet18"
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = resnet18_backbone(stem)
-        self.projection_head = SwaVProjectionHead(512, 512, 128)
+        self.backbone, width = make_backbone(arch, stem)
+        self.projection_head = SwaVProjectionHead(width, 512, 128)
         self.prototypes = SwaVPrototypes(128, n_prototypes=n_prototypes, n_steps_frozen_prototypes=1)
         self.criterion = SwaVLoss()
 
@@ -50,7 +52,7 @@ class SwaV(LightningModule):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = SwaV(stem=args.stem, lr=args.lr)
+    model = SwaV(arch=args.arch, stem=args.stem, lr=args.lr)
     size = args.image_size
     transform = SwaVTransform(
         crop_sizes=(size, size // 2), crop_counts=(2, 4), crop_min_scales=(0.3, 0.1), gaussian_blur=0.0

@@ -16,18 +16,18 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import VICRegTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import parse_args, resnet18_backbone, run
+from common import make_backbone, parse_args, run
 
 
 class VICReg(LightningModule):
     """VICReg: variance-invariance-covariance regularisation of two views' embeddings."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.001) -> None:
+    def __init__(self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = resnet18_backbone(stem)
+        self.backbone, width = make_backbone(arch, stem)
         # lightly's VICReg example uses the Barlow Twins head (Linear-BN-ReLU expander).
-        self.projection_head = BarlowTwinsProjectionHead(512, 1024, 1024)
+        self.projection_head = BarlowTwinsProjectionHead(width, 1024, 1024)
         self.criterion = VICRegLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class VICReg(LightningModule):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = VICReg(stem=args.stem, lr=args.lr)
+    model = VICReg(arch=args.arch, stem=args.stem, lr=args.lr)
     transform = VICRegTransform(input_size=args.image_size, gaussian_blur=0.0, solarize_prob=0.0)
     run(model, transform, args, name="vicreg")
 

@@ -22,7 +22,7 @@ def _images(log_dir: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
-@pytest.mark.parametrize("name", ["moco_v2", "swav", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "swav", "barlow_twins", "vicreg"])
 def test_example_trains_and_logs(name, tmp_path, capsys):
     module = importlib.import_module(name)
     module.main([*TINY, "--output", str(tmp_path)])
@@ -48,6 +48,37 @@ def test_default_layer_gives_at_least_7x7_maps():
         assert out.shape[-1] >= 7, (stem, size, layer)
     assert default_layer("imagenet", 224) == "backbone.7"
     assert default_layer("cifar", 64) == "backbone.7"
+
+
+def test_small_resnet_keeps_lightlys_layout():
+    from common import SMALL_RESNET_WIDTHS, default_layer, make_backbone
+
+    backbone, width = make_backbone("small-resnet", "cifar")
+    assert width == SMALL_RESNET_WIDTHS[-1] == 128 and len(backbone) == 9
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert backbone[:8](x).shape == (2, 128, 8, 8)  # backbone.7 = layer4, 8x8 at 64 px
+        assert backbone(x).shape == (2, 128, 1, 1)
+    assert default_layer("cifar", 64) == "backbone.7"
+    assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
+    imagenet_stem, _ = make_backbone("small-resnet", "imagenet")
+    with torch.no_grad():
+        assert imagenet_stem[:6](x).shape == (2, 32, 8, 8)  # the examples' default layer2 at 64 px
+    with pytest.raises(ValueError, match="unknown arch"):
+        make_backbone("resnet50")
+
+
+def test_simclr_without_background_swap(tmp_path):
+    module = importlib.import_module("simclr")
+    module.main([*TINY, "--no-background-swap", "--output", str(tmp_path)])
+    assert _images(tmp_path / "simclr_no_swap" / "version_0")["saliency/tsm"] == [0, 1, 2]
+
+
+def test_other_example_on_textured_data(tmp_path):
+    module = importlib.import_module("moco_v2")
+    argv = [*TINY, "--data", "textured", "--arch", "small-resnet", "--stem", "cifar", "--output", str(tmp_path)]
+    module.main(argv)
+    assert _images(tmp_path / "moco_v2" / "version_0")["saliency/mtsm"] == [0, 1, 2]
 
 
 def test_example_on_an_image_folder(tmp_path):
