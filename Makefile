@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-shortcut test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: MoCo v2 on the built-in shapes with SaliencyMonitor, ~3-4 min on 2 CPU cores
-	$(BIN)/python examples/moco_v2.py --data synthetic --max-steps 150 --batch-size 16 --every-n-steps 25 --output runs
+demo: $(STAMP)  ## the main job: SimCLR with background swap on textured objects, SaliencyMonitor watching
+	$(BIN)/python examples/simclr.py --output runs
+
+demo-shortcut: $(STAMP)  ## the same run without background swap, into the same runs/: the model learns the clutter
+	$(BIN)/python examples/simclr.py --output runs --no-background-swap
 
 bench: $(STAMP)  ## speed benchmarks (about 10 min on 2 CPU cores)
 	$(BIN)/python benchmarks/run_all.py

@@ -187,7 +187,7 @@ def run(model: LightningModule, transform: Callable, args: argparse.Namespace, n
     images, masks = probe(args)
     layer = args.layer or default_layer(args.stem, args.image_size)
     monitor = SaliencyMonitor(
-        images, masks=masks, layer=layer, every_n_steps=args.every_n_steps, num_images=len(images), image_size=96
+        images, masks=masks, layer=layer, every_n_steps=args.every_n_steps, display_images=8, image_size=96
     )
     logger = TensorBoardLogger(args.output, name=name)
     checkpoint = ModelCheckpoint(dirpath=Path(logger.log_dir) / "checkpoints", save_last=True)
