@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                     "--hide-scrollbars",
                     f"--virtual-time-budget={int(args.wait * 1000)}",
                     f"--screenshot={out}",
-                    f"{base}/?darkMode=false#{args.page}&tagFilter={urllib.parse.quote(args.filter, safe='')}",
+                    f"{base}/?darkMode=false#{args.page}&tagFilter={urllib.parse.quote(args.filter, safe='')}"
+                    "&_smoothingWeight=0&_ignoreYOutliers=false",
                 ],
                 check=True,
                 timeout=120,
