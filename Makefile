@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,examples]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: MoCo v2 on the built-in shapes with SaliencyMonitor, ~3-4 min on 2 CPU cores

@@ -847,7 +847,7 @@ def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None
 
 
 def _add_explain_options(p: argparse.ArgumentParser) -> None:
-    from tsm_lightning.core import METHODS
+    from tsm_lightning.constants import METHODS
 
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, folders or globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

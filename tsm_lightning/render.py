@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, METHOD_LABELS
+
 __all__ = [
     "COLORMAPS",
     "IMAGENET_MEAN",
@@ -27,17 +29,6 @@ __all__ = [
     "save_png",
     "to_uint8",
 ]
-
-METHOD_LABELS: dict[str, str] = {
-    "eigencam": "EigenCAM",
-    "tsm": "TSM",
-    "multivec_eigencam": "MV-EigenCAM",
-    "mtsm": "MTSM",
-}
-"""Short display names of the methods, used in picture headers."""
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Control points (value 0 .. 1, evenly spaced) of each colormap, RGB in [0, 1], linearly interpolated.
 COLORMAPS: dict[str, tuple[tuple[float, float, float], ...]] = {

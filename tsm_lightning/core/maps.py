@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from tsm_lightning.constants import METHODS, WEIGHTINGS
 from tsm_lightning.core.postprocess import normalize_maps
 from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose
 
@@ -34,12 +35,6 @@ __all__ = [
 
 Method = Literal["eigencam", "tsm", "multivec_eigencam", "mtsm"]
 Weighting = Literal["singular", "variance", "uniform"]
-
-METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
-"""Every saliency method this package computes, in display order."""
-
-WEIGHTINGS: tuple[str, ...] = ("singular", "variance", "uniform")
-"""Weightings of the multivector methods: ``w_k = s_k``, ``w_k = s_k ** 2`` or ``w_k = 1``."""
 
 _CENTRED = frozenset({"eigencam", "multivec_eigencam"})
 _MULTI = frozenset({"multivec_eigencam", "mtsm"})
