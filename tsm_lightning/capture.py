@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tsm_lightning.checks import check_feature_map
+
 __all__ = [
     "FALLBACK_GRID",
     "MIN_GRID",
@@ -110,39 +112,6 @@ def search_root(model: nn.Module) -> tuple[str, nn.Module]:
     return "", model
 
 
-def check_feature_map(output: object, name: str) -> Tensor:
-    """Return ``output`` if it is a ``(B, C, h, w)`` float tensor with ``h * w > 1``, else raise a clear error.
-
-    Args:
-        output: what the layer returned.
-        name: the layer's name, for the message.
-
-    Raises:
-        ValueError: for tuples, token sequences ``(B, N, C)``, other ranks, or maps of spatial size 1x1.
-    """
-    if not isinstance(output, Tensor):
-        raise ValueError(
-            f"Layer {name!r} returned {type(output).__name__}, not a tensor; choose a layer that returns a "
-            "(B, C, h, w) feature map."
-        )
-    if output.ndim != 4:
-        extra = ""
-        if output.ndim == 3:
-            extra = " Token outputs (B, N, C) of vision transformers are not supported yet."
-        raise ValueError(
-            f"Layer {name!r} returned shape {tuple(output.shape)}; saliency needs a 4-D (B, C, h, w) feature map."
-            f"{extra} Choose a convolutional layer."
-        )
-    if output.shape[-2] * output.shape[-1] <= 1:
-        raise ValueError(
-            f"Layer {name!r} returned {tuple(output.shape)}: a 1x1 map has no spatial extent at this input size. "
-            "Use a larger input image or an earlier layer."
-        )
-    if not output.is_floating_point():
-        raise ValueError(f"Layer {name!r} returned dtype {output.dtype}; a floating-point feature map is needed.")
-    return output
-
-
 @contextmanager
 def preserved_modes(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode, and restore every sub-module's own ``training`` flag on exit."""
@@ -161,36 +130,51 @@ class Capture:
 
     Attributes:
         name: the layer's name.
-        output: the layer's first output during the forward pass, detached, or ``None`` before it runs.
+        output: the layer's first output during the forward pass (detached when it is a feature map), or ``None``
+            before it runs.
         calls: how many times the layer ran inside the context.
+        feature_map: whether the output must be a ``(B, C, h, w)`` map (checked when the hook runs, so that a wrong
+            layer fails at once with a clear message); ``False`` keeps any output.
     """
 
     name: str
-    output: Tensor | None = None
+    output: object = None
     calls: int = 0
+    feature_map: bool = True
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         self.calls += 1
         if self.calls == 1:
-            self.output = check_feature_map(output, self.name).detach()
+            self.output = check_feature_map(output, self.name).detach() if self.feature_map else output
 
     @property
-    def features(self) -> Tensor:
-        """The captured ``(B, C, h, w)`` feature map.
+    def value(self) -> object:
+        """The layer's first output, whatever it is.
 
         Raises:
             RuntimeError: if the layer did not run during the forward pass.
         """
-        if self.output is None:
+        if self.calls == 0:
             raise RuntimeError(
                 f"Layer {self.name!r} did not run during the forward pass; check that the forward function "
                 "calls the module that contains it."
             )
         return self.output
 
+    @property
+    def features(self) -> Tensor:
+        """The captured ``(B, C, h, w)`` feature map (with ``feature_map=True``, the default).
+
+        Raises:
+            RuntimeError: if the layer did not run during the forward pass.
+        """
+        value = self.value
+        assert isinstance(value, Tensor), "features needs capture(..., feature_map=True)"
+        return value
+
 
 @contextmanager
-def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
+def capture(model: nn.Module, layer: str, *, feature_map: bool = True) -> Iterator[Capture]:
     """Capture the output of ``model``'s sub-module ``layer`` during forward passes inside the block.
 
     Inside the block the model is in eval mode and autograd is off; on exit (also after an exception) the hook
@@ -208,12 +192,13 @@ def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
     Args:
         model: the network.
         layer: dotted name of the sub-module, e.g. ``"layer4"``, ``"backbone.7"``.
+        feature_map: require a ``(B, C, h, w)`` feature map (``False``: keep any output, e.g. an embedding).
 
     Yields:
         A :class:`Capture` whose ``features`` hold the layer output after the forward pass.
     """
     module = get_layer(model, layer)
-    holder = Capture(layer)
+    holder = Capture(layer, feature_map=feature_map)
     handle = module.register_forward_hook(holder._hook)
     try:
         with preserved_modes(model), torch.no_grad():

@@ -7,32 +7,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from tsm_lightning.capture import ForwardFn, _default_forward, capture, find_layer
+from tsm_lightning.checks import check_images
 from tsm_lightning.core import METHODS, saliency_maps, upsample_maps, validate_methods
 
 __all__ = ["check_images", "explain"]
-
-
-def check_images(images: object, *, channels: int | None = 3) -> Tensor:
-    """Raise a clear error unless ``images`` is a floating ``(B, channels, H, W)`` tensor.
-
-    Args:
-        images: candidate image batch.
-        channels: required channel count, or ``None`` to accept any.
-
-    Returns:
-        ``images`` unchanged.
-    """
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}.")
-    if images.ndim != 4 or (channels is not None and images.shape[1] != channels):
-        want = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"
-        hint = " Add a batch dimension with images[None]." if images.ndim == 3 else ""
-        raise ValueError(f"images must have shape {want}, got {tuple(images.shape)}.{hint}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point (normalised as the model expects), got {images.dtype}.")
-    if images.shape[0] < 1:
-        raise ValueError("images must hold at least one image.")
-    return images
 
 
 def explain(
