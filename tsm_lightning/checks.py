@@ -19,6 +19,7 @@ __all__ = [
     "check_features",
     "check_images",
     "check_maps",
+    "check_num_components",
     "check_positive_int",
     "prepare_masks",
 ]
@@ -179,6 +180,13 @@ def check_embeddings(embeddings: object, *, minimum: int = 2) -> Tensor:
     if embeddings.shape[0] < minimum:
         raise ValueError(f"collapse indicators need at least {minimum} embeddings, got {embeddings.shape[0]}.")
     return embeddings
+
+
+def check_num_components(value: int | None) -> int | None:
+    """Return ``value`` if it is ``None`` or at least 1 (the number of components of the multivector methods)."""
+    if value is not None and value < 1:
+        raise ValueError(f"num_components must be a positive integer or None, got {value}.")
+    return value
 
 
 def check_positive_int(value: object, name: str) -> int:

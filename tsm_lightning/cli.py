@@ -33,7 +33,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,52 +88,27 @@ class Loaded:
     Attributes:
         model: the network, in eval mode on the device.
         source: what it was loaded from, for messages and outputs.
-        lightning: whether layer names follow the LightningModule rule (``backbone.*`` runs ``model.backbone``).
         random_weights: whether no weights were loaded (the seeded initialisation of the class or architecture).
     """
 
     model: Any
     source: str
-    lightning: bool
     random_weights: bool = False
 
-    def target(self, layer: str) -> Any:
-        """The module whose forward runs for ``layer``.
-
-        For Lightning modules :func:`~tsm_lightning.capture.forward_target`, the rule ``SaliencyMonitor`` uses; for
-        torchvision architectures the whole network.
-        """
-        from tsm_lightning.capture import forward_target
-
-        return forward_target(self.model, layer) if self.lightning else self.model
-
-    def forward_fn(self, layer: str) -> Callable[[Any, Any], object]:
-        """``forward_fn(model, images)`` for :func:`~tsm_lightning.capture.capture` on ``layer``."""
-        target = self.target(layer)
-        return lambda _model, images: target(images)
-
-    def _search_root(self) -> tuple[str, Any]:
-        from tsm_lightning.capture import search_root
-
-        return search_root(self.model) if self.lightning else ("", self.model)
-
     def discover_layer(self, images: Any) -> tuple[str, str]:
-        """The layer auto-discovery picks (inside ``backbone`` when there is one) and a sentence with its grid.
+        """The layer auto-discovery picks and a sentence with its grid.
 
-        See :func:`~tsm_lightning.capture.choose_layer`.
+        :func:`~tsm_lightning.capture.discover_layer`: the search ``SaliencyMonitor`` and ``explain`` use.
         """
-        from tsm_lightning.capture import choose_layer
+        from tsm_lightning.capture import discover_layer
 
-        infos = self.candidate_layers(images)
-        chosen, text = choose_layer(infos)
-        return chosen.name, text
+        return discover_layer(self.model, images)
 
     def candidate_layers(self, images: Any) -> list[Any]:
-        """``layer_shapes`` of the part of the model auto-discovery searches, names relative to the model."""
-        from tsm_lightning.capture import LayerInfo, layer_shapes
+        """The layers auto-discovery searches, with their output shapes, named relative to the model."""
+        from tsm_lightning.capture import candidate_layers
 
-        prefix, root = self._search_root()
-        return [LayerInfo(prefix + i.name, i.shape, i.is_map) for i in layer_shapes(root, images)]
+        return candidate_layers(self.model, images)
 
 
 def _import_class(spec: str, option: str = "--model") -> type:
@@ -221,7 +196,7 @@ def load_lightning(path_text: str, model_spec: str | None, device: str) -> Loade
             f"{_one_line(err, 160)}); check that --model names the class that saved the checkpoint"
         ) from err
     model.eval()
-    return Loaded(model, f"{path}", lightning=True)
+    return Loaded(model, f"{path}")
 
 
 def _arch_names() -> list[str]:
@@ -301,7 +276,7 @@ def load_arch(arch: str, weights: str | None, device: str, *, required: bool = T
             _progress(f"note: ignored {ignored} key(s) of {path.name} that {arch} does not have")
         source = f"{arch} {path}"
     model.to(device).eval()
-    return Loaded(model, source, lightning=False, random_weights=weights is None)
+    return Loaded(model, source, random_weights=weights is None)
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
@@ -332,7 +307,7 @@ def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bo
                     f"cannot build {args.model} without arguments ({_one_line(err)}); pass a checkpoint"
                 ) from err
             source = f"{args.model} ({_RANDOM})"
-            return Loaded(model.to(args.device).eval(), source, lightning=True, random_weights=True)
+            return Loaded(model.to(args.device).eval(), source, random_weights=True)
         raise CLIError("pass a CHECKPOINT (with --model PKG.MODULE:CLASS if needed) or --arch NAME --weights FILE")
     return load_lightning(checkpoint, args.model, args.device)
 
@@ -375,27 +350,18 @@ def _resolve_layer(loaded: Loaded, layer: str | None, sample: Any) -> str:
     return chosen
 
 
-def _explain_batch(loaded: Loaded, images: Any, layer: str, methods: Sequence[str]) -> tuple[dict[str, Any], Any]:
-    """Maps ``{method: (B, H, W)}`` at image size, and the captured features."""
-    from tsm_lightning.capture import capture
-    from tsm_lightning.core import saliency_maps, upsample_maps
-
-    forward = loaded.forward_fn(layer)
-    with capture(loaded.model, layer) as cap:
-        forward(loaded.model, images)
-    features = cap.features
-    maps = saliency_maps(features, methods)
-    size = (images.shape[-2], images.shape[-1])
-    return {name: upsample_maps(m, size) for name, m in maps.items()}, features
-
-
 def _run_model(
     loaded: Loaded, images: Any, layer: str, methods: Sequence[str], batch_size: int, device: str, label: str = ""
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Explain all images in batches: CPU maps ``{method: (N, H, W)}`` and per-image ``map_metrics``."""
+    """Explain all images in batches: CPU maps ``{method: (N, H, W)}`` and per-image ``map_metrics``.
+
+    Each batch goes through :func:`~tsm_lightning.pipeline.explain_batch`, whose one decomposition gives the maps
+    and the spectral metrics.
+    """
     import torch
 
     from tsm_lightning.metrics import map_metrics
+    from tsm_lightning.pipeline import explain_batch
 
     n = images.shape[0]
     batches = math.ceil(n / batch_size)
@@ -404,8 +370,9 @@ def _run_model(
     start = time.perf_counter()
     for b in range(batches):
         chunk = images[b * batch_size : (b + 1) * batch_size].to(device)
-        maps, features = _explain_batch(loaded, chunk, layer, methods)
-        for method, values in map_metrics(maps, features=features).items():
+        result = explain_batch(loaded.model, chunk, layer, methods, spectra=True)
+        maps = result.upsampled()
+        for method, values in map_metrics(maps, decomposition=result.decomposition).items():
             for metric, v in values.items():
                 metrics_out.setdefault(method, {}).setdefault(metric, []).append(v.detach().cpu())
         for method in methods:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,17 +20,9 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from tsm_lightning.callbacks.sharding import Sharding, detect_sharding, full_features
-from tsm_lightning.capture import (
-    capture,
-    check_feature_map,
-    choose_layer,
-    forward_target,
-    get_layer,
-    layer_shapes,
-    search_root,
-)
-from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
+from tsm_lightning.capture import candidate_layers, choose_layer, forward_target, get_layer, search_root
+from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.metrics import (
     default_embed_fn,
@@ -44,6 +35,7 @@ from tsm_lightning.metrics import (
     random_maps,
     summarize,
 )
+from tsm_lightning.pipeline import capture_features, maps_of
 from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
 from tsm_lightning.render import (
     COLORMAPS,
@@ -345,21 +337,16 @@ class SaliencyMonitorMixin:
 
     def _discover_layer(self, pl_module: Any) -> str:
         assert self.probe is not None
-        prefix, root = search_root(pl_module)
         images = self._model_input(pl_module)
         try:
-            if self.forward_fn is None and root is not pl_module:
-                infos = layer_shapes(root, images)
-            else:
-                prefix, forward = "", self.forward_fn or (lambda module, x: module(x))
-                infos = layer_shapes(pl_module, images, lambda _m, x: forward(pl_module, x))
+            infos = candidate_layers(pl_module, images, self.forward_fn)
         except (TypeError, RuntimeError) as err:
             raise ValueError(
                 f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
                 "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
             ) from err
         try:
-            chosen, text = choose_layer([dataclasses.replace(info, name=prefix + info.name) for info in infos])
+            chosen, text = choose_layer(infos)
         except ValueError as err:
             raise ValueError(
                 f"SaliencyMonitor found no layer to monitor for probe images {tuple(images.shape)}: {err}"
@@ -486,24 +473,20 @@ class SaliencyMonitorMixin:
 
         ``gathered`` is the module the forward calls, whose parameters are gathered first when they are sharded.
         """
-        assert self.probe is not None
-        images = self._model_input(module)
-        with (
-            preserved_rng(),
-            autocast_off(images.device),
-            self._gathered(gathered),
-            capture(module, layer) as cap,
-        ):
-            output = forward(images)
-        features = check_feature_map(full_features(cap.features), layer).float()
-        if not bool(torch.isfinite(features).all()):
-            raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
-        if isinstance(output, Tensor):
-            output = full_features(output.detach())
-        return features, output
+        return capture_features(
+            module,
+            self._model_input(module),
+            layer,
+            forward_fn=lambda _module, images: forward(images),
+            gathered=self._gathered(gathered),
+            finite=True,
+        )
 
-    def _maps(self, features: Tensor) -> dict[str, Tensor]:
-        return saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
+    def _maps(self, features: Tensor) -> tuple[Decomposition, dict[str, Tensor]]:
+        # One decomposition for the maps and, with metrics=True, the spectral metrics.
+        return maps_of(
+            features, self.methods, num_components=self.num_components, weighting=self.weighting, spectra=self.metrics
+        )
 
     def compute(self, pl_module: Any, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
@@ -520,7 +503,7 @@ class SaliencyMonitorMixin:
         """
         if features is None:
             features, _ = self._capture_probe(pl_module)
-        return features, self._maps(features)
+        return features, self._maps(features)[1]
 
     def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
         # The probe forward (on every rank when the parameters are sharded): (features, forward output).
@@ -539,27 +522,40 @@ class SaliencyMonitorMixin:
             captured: ``(features, forward output)`` when every rank already ran the probe forward (sharded
                 training); ``None`` runs it here.
         """
+        assert self.probe is not None
         step = trainer.global_step
         features, output = captured if captured is not None else self._capture_probe(pl_module)
-        maps = self._maps(features)
-        inputs, tiles = self._display_tiles()
-        shown = {name: m[: inputs.shape[0]] for name, m in maps.items()}
-        size = (inputs.shape[-2], inputs.shape[-1])
-        overlays = {
-            name: overlay(inputs, upsample_maps(m, size), self.colormap, self.alpha) for name, m in shown.items()
-        }
-        pictures = {
-            f"saliency/{name}": labelled_grid([tiles, row], row_labels=["input", label(name)])
-            for name, row in overlays.items()
-        }
-        pictures["saliency/all"] = _comparison_grid(tiles, overlays)
-        scalars = self._scalars(pl_module, features, maps, output) if self.metrics else {}
+        decomposition, maps = self._maps(features)
+        runs = len(self.logged_steps) + 1
+        faithful = self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0
+        # Upsampled once, to the probe's size, and only when a metric needs them (the masks are the probe's size).
+        full = None
+        if self.metrics and (self.probe.masks is not None or faithful):
+            full = {name: upsample_maps(m, self.probe.images.shape[-2:]) for name, m in maps.items()}
+        pictures = self._pictures(maps, full)
+        scalars = self._scalars(pl_module, decomposition, maps, full, output, faithful) if self.metrics else {}
         self._log(trainer, pictures, scalars, step)
         self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
         if self.first_maps is None:
             self.first_maps = self.previous_maps
         self.last_logged_step = step
         self.logged_steps.append(step)
+
+    def _pictures(self, maps: dict[str, Tensor], full: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """The per-method strips and the comparison grid of the first ``display_images`` probe images."""
+        inputs, tiles = self._display_tiles()
+        count, size = inputs.shape[0], (inputs.shape[-2], inputs.shape[-1])
+        if full is not None and next(iter(full.values())).shape[-2:] == size:
+            shown = {name: m[:count] for name, m in full.items()}
+        else:
+            shown = {name: upsample_maps(m[:count], size) for name, m in maps.items()}
+        overlays = {name: overlay(inputs, m, self.colormap, self.alpha) for name, m in shown.items()}
+        pictures = {
+            f"saliency/{name}": labelled_grid([tiles, row], row_labels=["input", label(name)])
+            for name, row in overlays.items()
+        }
+        pictures["saliency/all"] = _comparison_grid(tiles, overlays)
+        return pictures
 
     def _display_tiles(self) -> tuple[Tensor, Tensor]:
         """The first ``display_images`` probe images in ``[0, 1]`` at tile size, and as uint8 tiles (cached)."""
@@ -573,39 +569,44 @@ class SaliencyMonitorMixin:
             self._display = images, to_uint8(images)
         return self._display
 
-    def _scalars(self, pl_module: Any, features: Tensor, maps: dict[str, Tensor], output: object) -> dict[str, float]:
-        """Label-free metrics averaged over the probe as ``saliency/<name>/<metric>``, with their references."""
+    def _scalars(
+        self,
+        pl_module: Any,
+        decomposition: Decomposition,
+        maps: dict[str, Tensor],
+        full: dict[str, Tensor] | None,
+        output: object,
+        faithful: bool,
+    ) -> dict[str, float]:
+        """Label-free metrics averaged over the probe as ``saliency/<name>/<metric>``, with their references.
+
+        ``maps`` are at the features' grid, ``full`` at the probe's size (given when masks or faithfulness need it);
+        the spectral metrics read the decomposition the maps came from.
+        """
         assert self.probe is not None
-        cpu_maps = {name: m.detach().cpu() for name, m in maps.items()}
-        per_image = map_metrics(cpu_maps, previous=self.previous_maps, first=self.first_maps, features=features.cpu())
+        per_image = map_metrics(maps, previous=self.previous_maps, first=self.first_maps, decomposition=decomposition)
         masks = self.probe.masks
-        if masks is not None:
-            size = (masks.shape[-2], masks.shape[-1])
-            full = {name: upsample_maps(m, size) for name, m in cpu_maps.items()}
+        if masks is not None and full is not None:
             for name, m in full.items():
-                per_image[name].update(localization_metrics(m, masks.cpu()))
-        runs = len(self.logged_steps) + 1
-        if self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0:
+                per_image[name].update(localization_metrics(m, masks))
+        if faithful and full is not None:
             embed = self.embed_fn or default_embed_fn(pl_module, forward_fn=self._forward)
             images = self._model_input(pl_module)
-            size = (images.shape[-2], images.shape[-1])
             with preserved_rng(), autocast_off(images.device):
-                faithful = faithfulness_metrics(
-                    embed, images, {n: upsample_maps(m, size) for n, m in maps.items()}, steps=self.faithfulness_steps
-                )
-            for name, values in faithful.items():
-                per_image.setdefault(name, {}).update(values)
+                values = faithfulness_metrics(embed, images, full, steps=self.faithfulness_steps)
+            for name, metric_values in values.items():
+                per_image.setdefault(name, {}).update(metric_values)
         scalars = {
             f"saliency/{name}/{metric}": value
             for name, metric_values in summarize(per_image).items()
             for metric, value in metric_values.items()
             if math.isfinite(value)
         }
-        scalars.update(_collapse_scalars(output))
+        scalars.update(_collapse_scalars(output, self.references))
         if self.first_maps is None and self.stability_reference:
-            self.references.update(self._fresh_init_references(pl_module, cpu_maps))
+            self.references.update(self._fresh_init_references(pl_module, maps))
         if masks is not None and not any(key.startswith("saliency/random/") for key in self.references):
-            self.references.update(_localization_references(masks.cpu(), self.seed))
+            self.references.update(_localization_references(masks, self.seed))
         scalars.update({key: value for key, value in self.references.items() if math.isfinite(value)})
         return scalars
 
@@ -624,7 +625,7 @@ class SaliencyMonitorMixin:
                     reset()
         features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh)
         del fresh
-        maps = {name: m.detach().cpu() for name, m in self._maps(features).items()}
+        maps = self._maps(features)[1]
         return {
             f"saliency/fresh_init_{name}/stability_first": float(pearson(maps[name], first[name]).nanmean())
             for name in maps
@@ -760,17 +761,22 @@ def _localization_references(masks: Tensor, seed: int) -> dict[str, float]:
     return scalars
 
 
-def _collapse_scalars(output: object) -> dict[str, float]:
-    """Collapse indicators of the monitored forward's output, beside those of isotropic Gaussian embeddings."""
+def _collapse_scalars(output: object, references: dict[str, float]) -> dict[str, float]:
+    """Collapse indicators of the monitored forward's output.
+
+    Those of isotropic Gaussian embeddings of the same shape go into ``references`` once: a constant, what a
+    non-collapsed embedding scores.
+    """
     if not isinstance(output, Tensor) or output.ndim < 2 or output.shape[0] < 2 or not output.is_floating_point():
         return {}
-    embeddings = output.detach().flatten(1).float().cpu()
-    isotropic = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(0))
+    embeddings = output.detach().flatten(1).float()
+    if "saliency/isotropic/spread" not in references:
+        isotropic = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(0))
+        references["saliency/isotropic/spread"] = float(embedding_spread(isotropic))
+        references["saliency/isotropic/effective_rank"] = float(effective_rank(isotropic))
     return {
         "saliency/embedding/spread": float(embedding_spread(embeddings)),
         "saliency/embedding/effective_rank": float(effective_rank(embeddings)),
-        "saliency/isotropic/spread": float(embedding_spread(isotropic)),
-        "saliency/isotropic/effective_rank": float(effective_rank(isotropic)),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from tsm_lightning.checks import check_features as validate_features
+from tsm_lightning.checks import check_num_components
 
 __all__ = ["Decomposition", "Spectrum", "autocast_off", "decompose", "gram_dtype_for", "validate_features"]
 
@@ -188,8 +189,7 @@ def decompose(
         ValueError: if ``features`` is not ``(B, C, h, w)`` or ``num_components < 1``.
     """
     validate_features(features)
-    if num_components is not None and num_components < 1:
-        raise ValueError(f"num_components must be a positive integer or None, got {num_components}.")
+    check_num_components(num_components)
     with autocast_off(features.device):
         return _decompose(features, uncentred, centred, num_components)
 
