@@ -24,7 +24,6 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import math
@@ -509,17 +508,6 @@ def _float(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-
-
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for line in [header, ["-" * w for w in widths], *rows]:
@@ -596,11 +584,10 @@ def checkpoint_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``tsm-lightning explain``."""
-    import torch
-
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import summarize
-    from tsm_lightning.render import label, labelled_grid, overlay, save_png
+    from tsm_lightning.render import comparison_grid, label, overlay
+    from tsm_lightning.sinks import PngSink, write_csv
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
@@ -617,16 +604,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
 
     inputs = _input_tiles(images)
+    overlays = {method: overlay(inputs.float() / 255, maps[method]) for method in methods}
     features = per_image.get("features", {})
     rows: list[dict[str, Any]] = []
     pictures: dict[str, Any] = {}
     stems = _stems(files)
     column_labels = ["input", *(label(m) for m in methods)]
+    png = PngSink(out.path, lambda tag, _step: out.file(f"{tag.removeprefix('explain/')}.png"))
     for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
-        tiles = [inputs[i]]
-        base = inputs[i : i + 1].float() / 255
         for method in methods:
-            tiles.append(overlay(base, maps[method][i : i + 1])[0])
             values = per_image[method]
             row: dict[str, Any] = {"image": stem, "path": str(path), "method": method}
             row.update({k: _float(values[k][i]) for k in ("entropy", "gini")})
@@ -636,10 +622,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
             row.update({k: _float(v[i]) for k, v in features.items()})
             rows.append(row)
-        pictures[stem] = labelled_grid([_enlarge(torch.stack(tiles))], column_labels)
-        save_png(pictures[stem], out.file(f"{stem}.png"))
+        shown = {method: _enlarge(overlays[method][i : i + 1]) for method in methods}
+        picture = {f"explain/{stem}": comparison_grid(_enlarge(inputs[i : i + 1]), shown)}
+        png.write(picture, {}, 0)
+        pictures.update(picture)
 
-    _write_csv(out.file("metrics.csv"), rows)
+    write_csv(out.file("metrics.csv"), rows)
     summary = summarize({m: per_image[m] | features for m in methods})
     meta = {
         "tool": PROG,
@@ -672,17 +660,20 @@ def _write_tensorboard(out: OutputDir, pictures: dict[str, Any], summary: dict[s
     """One event file in ``out``: an image per input (tag ``explain/<stem>``), mean metrics as scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from tsm_lightning.sinks import TensorBoardSink
+
     def events() -> dict[str, tuple[int, int]]:
         return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.path.glob("events.out.tfevents.*")}
 
     before = events()
+    scalars = {
+        f"saliency/{method}/{metric}": float(value)
+        for method, values in summary.items()
+        for metric, value in values.items()
+        if value is not None and value == value  # skip NaN
+    }
     with SummaryWriter(log_dir=str(out.path)) as writer:
-        for stem, picture in pictures.items():
-            writer.add_image(f"explain/{stem}", picture, global_step=0, dataformats="CHW")
-        for method, values in summary.items():
-            for metric, value in values.items():
-                if value is not None and value == value:  # skip NaN
-                    writer.add_scalar(f"saliency/{method}/{metric}", float(value), global_step=0)
+        TensorBoardSink(writer, layout=False).write(pictures, scalars, step=0)
     for name, stamp in events().items():
         if before.get(name) != stamp:  # new, or (same name within a second) appended to
             out.adopt(name)
@@ -694,7 +685,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import pearson
-    from tsm_lightning.render import label, labelled_grid, overlay, save_png
+    from tsm_lightning.render import label, labelled_grid, overlay
+    from tsm_lightning.sinks import PngSink, write_csv
 
     methods = validate_methods(args.methods)
     device = _check_device(args.device)
@@ -718,6 +710,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     inputs = _input_tiles(images)
     stems = _stems(files)
+    png = PngSink(out.path, lambda tag, _step: out.file(f"{tag}.png"))
     rows: list[dict[str, Any]] = []
     corr = {(a, m): pearson(all_maps[a][m], all_maps[a + 1][m]) for a in range(len(all_maps) - 1) for m in methods}
     for i, stem in enumerate(stems):
@@ -740,8 +733,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     }
                 )
         picture = labelled_grid(strip, ["input", *names], [label(m) for m in methods])
-        save_png(picture, out.file(f"{stem}.png"))
-    _write_csv(out.file("stability.csv"), rows)
+        png.write({stem: picture}, {}, 0)
+    write_csv(out.file("stability.csv"), rows)
     out.close()
 
     print(f"compared {len(names)} checkpoints on {len(files)} image(s), layer {layer}; wrote {out.path}")
