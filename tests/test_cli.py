@@ -255,7 +255,7 @@ def test_failed_run_leaves_no_unlisted_files(
         raise OSError("No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cli, "_write_csv", disk_full)
+        patch.setattr("tsm_lightning.sinks.write_csv", disk_full)
         code, _, err = inproc(*args)
     assert code == 2 and "No space left" in err
     assert (out / "a.png").is_file()

@@ -3,32 +3,82 @@
 Label-free saliency maps -- EigenCAM, Tucker Saliency Maps (TSM), Multivec-EigenCAM and Multivector TSM (MTSM),
 from Bouayed et al., "CNN Explainability with Multivector Tucker Saliency Maps for Self-Supervised Models"
 (TMLR 2025) -- computed exactly and batched in pure torch.
+
+The public names below are loaded on first use (PEP 562), so that ``import tsm_lightning`` costs nothing and the
+command line answers a usage error without importing torch; ``from tsm_lightning import explain`` works as usual.
 """
 
-from tsm_lightning.capture import capture, find_layer
-from tsm_lightning.core import (
-    METHODS,
-    eigencam,
-    mtsm,
-    multivec_eigencam,
-    normalize_maps,
-    saliency_maps,
-    tsm,
-    tucker_saliency,
-    upsample_maps,
-)
-from tsm_lightning.explain import explain
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it.
+_LAZY: dict[str, str] = {
+    "METHODS": "tsm_lightning.constants",
+    "SaliencyMonitor": "tsm_lightning.callbacks",
+    "capture": "tsm_lightning.capture",
+    "find_layer": "tsm_lightning.capture",
+    "eigencam": "tsm_lightning.core",
+    "mtsm": "tsm_lightning.core",
+    "multivec_eigencam": "tsm_lightning.core",
+    "normalize_maps": "tsm_lightning.core",
+    "saliency_maps": "tsm_lightning.core",
+    "tsm": "tsm_lightning.core",
+    "tucker_saliency": "tsm_lightning.core",
+    "upsample_maps": "tsm_lightning.core",
+    "explain": "tsm_lightning.explain",
+}
+
+if TYPE_CHECKING:  # what static tools see; at run time the names come from __getattr__
+    from tsm_lightning.callbacks import SaliencyMonitor
+    from tsm_lightning.capture import capture, find_layer
+    from tsm_lightning.constants import METHODS
+    from tsm_lightning.core import (
+        eigencam,
+        mtsm,
+        multivec_eigencam,
+        normalize_maps,
+        saliency_maps,
+        tsm,
+        tucker_saliency,
+        upsample_maps,
+    )
+    from tsm_lightning.explain import explain
+
 
 def __getattr__(name: str) -> object:
-    # The callback imports Lightning; load it on first use so that the maths stays a light import.
-    if name == "SaliencyMonitor":
-        from tsm_lightning.callbacks import SaliencyMonitor
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tsm_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return SaliencyMonitor
-    raise AttributeError(f"module 'tsm_lightning' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing a submodule named like the function it defines never hides it.
+
+    Importing ``tsm_lightning.capture`` (or ``.explain``) sets the package attribute ``capture`` to the submodule;
+    here the function of that name takes its place, so ``tsm_lightning.capture`` is the function however the
+    submodule got imported, as it was when this file imported both eagerly.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

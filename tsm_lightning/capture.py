@@ -10,7 +10,9 @@ larger than 1x1, always saying which grid it got and, when it is small, how to g
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,16 +21,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tsm_lightning.checks import check_feature_map
+
 __all__ = [
     "FALLBACK_GRID",
     "MIN_GRID",
     "Capture",
     "LayerInfo",
+    "candidate_layers",
     "capture",
     "check_feature_map",
     "choose_layer",
+    "discover_layer",
     "find_layer",
     "forward_target",
+    "full_tensor",
     "get_layer",
     "layer_shapes",
     "preserved_modes",
@@ -84,18 +91,40 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     )
 
 
-def forward_target(model: nn.Module, layer: str) -> nn.Module:
-    """The module to call on the images so that ``layer`` runs.
+def _is_lightning_module(model: nn.Module) -> bool:
+    # Without importing Lightning: both lightning.pytorch's and pytorch_lightning's class are named so.
+    return any(
+        cls.__name__ == "LightningModule" and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+        for cls in type(model).__mro__
+    )
 
-    For a dotted name the top-level child named by its first part (``model.backbone`` for ``"backbone.7"``), so that
-    only the online backbone of an SSL model runs (not MoCo's momentum encoder, not SwAV's prototypes, not a
-    ``forward`` that expects several crops); for a name directly under ``model``, ``model`` itself.
+
+def forward_target(model: nn.Module, layer: str) -> nn.Module:
+    """The module to call on the images so that ``layer`` runs: the one forward rule of the package.
+
+    For a dotted name in a LightningModule, or under ``model.backbone`` in any model, the top-level child named by
+    its first part (``model.backbone`` for ``"backbone.7"``), so that only the online backbone of an SSL model runs
+    (not MoCo's momentum encoder, not SwAV's prototypes, not a ``forward`` that expects several crops). Otherwise
+    ``model`` itself: a name directly under ``model``, or a plain network such as a torchvision ResNet, whose
+    ``layer4`` cannot be called on images.
     """
     head = layer.split(".", 1)[0]
     child = getattr(model, head, None)
     if "." not in layer or not isinstance(child, nn.Module):
         return model
-    return child
+    return child if head == "backbone" or _is_lightning_module(model) else model
+
+
+def full_tensor(output: Tensor) -> Tensor:
+    """``output`` whole on every rank: a ``DTensor`` (a tensor-parallel layer's output) is gathered, else unchanged.
+
+    Collective for a ``DTensor``: call it on every rank.
+    """
+    for path in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, torch 2.4
+        dtensor = getattr(sys.modules.get(path), "DTensor", None)
+        if dtensor is not None:
+            return output.full_tensor() if isinstance(output, dtensor) else output
+    return output  # DTensor was never imported, so no tensor can be one
 
 
 def search_root(model: nn.Module) -> tuple[str, nn.Module]:
@@ -108,39 +137,6 @@ def search_root(model: nn.Module) -> tuple[str, nn.Module]:
     if isinstance(backbone, nn.Module):
         return "backbone.", backbone
     return "", model
-
-
-def check_feature_map(output: object, name: str) -> Tensor:
-    """Return ``output`` if it is a ``(B, C, h, w)`` float tensor with ``h * w > 1``, else raise a clear error.
-
-    Args:
-        output: what the layer returned.
-        name: the layer's name, for the message.
-
-    Raises:
-        ValueError: for tuples, token sequences ``(B, N, C)``, other ranks, or maps of spatial size 1x1.
-    """
-    if not isinstance(output, Tensor):
-        raise ValueError(
-            f"Layer {name!r} returned {type(output).__name__}, not a tensor; choose a layer that returns a "
-            "(B, C, h, w) feature map."
-        )
-    if output.ndim != 4:
-        extra = ""
-        if output.ndim == 3:
-            extra = " Token outputs (B, N, C) of vision transformers are not supported yet."
-        raise ValueError(
-            f"Layer {name!r} returned shape {tuple(output.shape)}; saliency needs a 4-D (B, C, h, w) feature map."
-            f"{extra} Choose a convolutional layer."
-        )
-    if output.shape[-2] * output.shape[-1] <= 1:
-        raise ValueError(
-            f"Layer {name!r} returned {tuple(output.shape)}: a 1x1 map has no spatial extent at this input size. "
-            "Use a larger input image or an earlier layer."
-        )
-    if not output.is_floating_point():
-        raise ValueError(f"Layer {name!r} returned dtype {output.dtype}; a floating-point feature map is needed.")
-    return output
 
 
 @contextmanager
@@ -161,36 +157,51 @@ class Capture:
 
     Attributes:
         name: the layer's name.
-        output: the layer's first output during the forward pass, detached, or ``None`` before it runs.
+        output: the layer's first output during the forward pass (detached when it is a feature map), or ``None``
+            before it runs.
         calls: how many times the layer ran inside the context.
+        feature_map: whether the output must be a ``(B, C, h, w)`` map (checked when the hook runs, so that a wrong
+            layer fails at once with a clear message); ``False`` keeps any output.
     """
 
     name: str
-    output: Tensor | None = None
+    output: object = None
     calls: int = 0
+    feature_map: bool = True
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         self.calls += 1
         if self.calls == 1:
-            self.output = check_feature_map(output, self.name).detach()
+            self.output = check_feature_map(output, self.name).detach() if self.feature_map else output
 
     @property
-    def features(self) -> Tensor:
-        """The captured ``(B, C, h, w)`` feature map.
+    def value(self) -> object:
+        """The layer's first output, whatever it is.
 
         Raises:
             RuntimeError: if the layer did not run during the forward pass.
         """
-        if self.output is None:
+        if self.calls == 0:
             raise RuntimeError(
                 f"Layer {self.name!r} did not run during the forward pass; check that the forward function "
                 "calls the module that contains it."
             )
         return self.output
 
+    @property
+    def features(self) -> Tensor:
+        """The captured ``(B, C, h, w)`` feature map (with ``feature_map=True``, the default).
+
+        Raises:
+            RuntimeError: if the layer did not run during the forward pass.
+        """
+        value = self.value
+        assert isinstance(value, Tensor), "features needs capture(..., feature_map=True)"
+        return value
+
 
 @contextmanager
-def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
+def capture(model: nn.Module, layer: str, *, feature_map: bool = True) -> Iterator[Capture]:
     """Capture the output of ``model``'s sub-module ``layer`` during forward passes inside the block.
 
     Inside the block the model is in eval mode and autograd is off; on exit (also after an exception) the hook
@@ -208,12 +219,13 @@ def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
     Args:
         model: the network.
         layer: dotted name of the sub-module, e.g. ``"layer4"``, ``"backbone.7"``.
+        feature_map: require a ``(B, C, h, w)`` feature map (``False``: keep any output, e.g. an embedding).
 
     Yields:
         A :class:`Capture` whose ``features`` hold the layer output after the forward pass.
     """
     module = get_layer(model, layer)
-    holder = Capture(layer)
+    holder = Capture(layer, feature_map=feature_map)
     handle = module.register_forward_hook(holder._hook)
     try:
         with preserved_modes(model), torch.no_grad():
@@ -308,12 +320,13 @@ def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
 
 
 def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, warn: bool = True) -> str:
-    """Pick a layer automatically: the deepest spatial map large enough to show something (:func:`choose_layer`).
+    """Pick a layer automatically: the deepest spatial map large enough to show something (:func:`discover_layer`).
 
     Args:
         model: the network.
         images: ``(B, 3, H, W)`` input batch of the size that will be explained.
-        forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
+        forward_fn: ``forward_fn(model, images)``; default: search ``model.backbone`` when there is one, running
+            only it, else ``model`` (:func:`candidate_layers`).
         warn: emit a ``UserWarning`` naming the chosen layer and its grid size.
 
     Returns:
@@ -323,9 +336,35 @@ def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = 
         ValueError: if no module produces a spatial map at this input size.
     """
     try:
-        chosen, text = choose_layer(layer_shapes(model, images, forward_fn))
+        name, text = discover_layer(model, images, forward_fn)
     except ValueError as err:
         raise ValueError(f"{type(model).__name__}, inputs of shape {tuple(images.shape)}: {err}") from None
     if warn:
         warnings.warn(f"No layer given: using {text}. Pass layer= to choose another.", UserWarning, stacklevel=2)
-    return chosen.name
+    return name
+
+
+def candidate_layers(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> list[LayerInfo]:
+    """The module outputs one forward shows, named relative to ``model``, where the automatic choice looks.
+
+    With the forward rule (no ``forward_fn``): inside ``model.backbone`` when there is one (:func:`search_root`),
+    running only it; with ``forward_fn``: every module of ``model``, as ``forward_fn`` runs it.
+    """
+    if forward_fn is None:
+        prefix, root = search_root(model)
+        if root is not model:
+            return [dataclasses.replace(info, name=prefix + info.name) for info in layer_shapes(root, images)]
+    return layer_shapes(model, images, forward_fn)
+
+
+def discover_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> tuple[str, str]:
+    """The automatic layer among :func:`candidate_layers`: ``(name, a sentence naming it with its grid)``.
+
+    The one layer search of the package (:func:`find_layer`, ``SaliencyMonitor`` and ``tsm-lightning`` use it); the
+    choice is :func:`choose_layer`'s, the warning the caller's.
+
+    Raises:
+        ValueError: if no module produces a spatial map at this input size.
+    """
+    chosen, text = choose_layer(candidate_layers(model, images, forward_fn))
+    return chosen.name, text

@@ -6,33 +6,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from tsm_lightning.capture import ForwardFn, _default_forward, capture, find_layer
-from tsm_lightning.core import METHODS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.capture import ForwardFn, find_layer
+from tsm_lightning.checks import check_images
+from tsm_lightning.constants import METHODS
+from tsm_lightning.core import validate_methods
+from tsm_lightning.pipeline import explain_batch
 
 __all__ = ["check_images", "explain"]
-
-
-def check_images(images: object, *, channels: int | None = 3) -> Tensor:
-    """Raise a clear error unless ``images`` is a floating ``(B, channels, H, W)`` tensor.
-
-    Args:
-        images: candidate image batch.
-        channels: required channel count, or ``None`` to accept any.
-
-    Returns:
-        ``images`` unchanged.
-    """
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}.")
-    if images.ndim != 4 or (channels is not None and images.shape[1] != channels):
-        want = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"
-        hint = " Add a batch dimension with images[None]." if images.ndim == 3 else ""
-        raise ValueError(f"images must have shape {want}, got {tuple(images.shape)}.{hint}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floating point (normalised as the model expects), got {images.dtype}.")
-    if images.shape[0] < 1:
-        raise ValueError("images must hold at least one image.")
-    return images
 
 
 def explain(
@@ -48,15 +28,18 @@ def explain(
     """Explain ``model`` on ``images``: capture ``layer``, compute saliency maps, upsample to the input size.
 
     The model runs in eval mode under ``torch.no_grad()``; every sub-module's train/eval flag is restored and the
-    hook removed afterwards.
+    hook removed afterwards. This is :func:`tsm_lightning.pipeline.explain_batch`, the path ``SaliencyMonitor`` and
+    ``tsm-lightning`` take too, with the same forward rule.
 
     Args:
         model: the network (any ``nn.Module``, a ``LightningModule`` included).
         images: ``(B, 3, H, W)`` batch, normalised as the model expects, on the model's device.
-        layer: dotted module name (``"layer4"``, ``"backbone.7"``); ``None`` picks the last spatial layer and
-            warns which.
+        layer: dotted module name (``"layer4"``, ``"backbone.7"``); ``None`` picks the deepest spatial layer of a
+            useful size (:func:`~tsm_lightning.capture.find_layer`) and warns which.
         methods: names from :data:`~tsm_lightning.METHODS`.
-        forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
+        forward_fn: ``forward_fn(model, images)``; default :func:`~tsm_lightning.capture.forward_target`'s rule:
+            ``model.backbone(images)`` for a layer under ``backbone`` (or any dotted layer of a LightningModule: its
+            top-level child), else ``model(images)``.
         num_components: components summed by the multivector methods (``None``: all).
         weighting: multivector weighting, ``"singular"``, ``"variance"`` or ``"uniform"``.
 
@@ -72,11 +55,9 @@ def explain(
     """
     check_images(images, channels=None)
     methods = validate_methods(methods)
-    forward = forward_fn or _default_forward
     if layer is None:
-        layer = find_layer(model, images, forward)
-    with capture(model, layer) as cap:
-        forward(model, images)
-    maps = saliency_maps(cap.features, methods, num_components=num_components, weighting=weighting)
-    size = (images.shape[-2], images.shape[-1])
-    return {name: upsample_maps(m, size) for name, m in maps.items()}
+        layer = find_layer(model, images, forward_fn)
+    result = explain_batch(
+        model, images, layer, methods, forward_fn=forward_fn, num_components=num_components, weighting=weighting
+    )
+    return result.upsampled()

@@ -7,11 +7,13 @@ Everything here works on batches: images ``(B, 3, H, W)``, maps ``(B, H, W)`` in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, METHOD_LABELS
 
 __all__ = [
     "COLORMAPS",
@@ -19,25 +21,16 @@ __all__ = [
     "IMAGENET_STD",
     "METHOD_LABELS",
     "apply_colormap",
+    "comparison_grid",
     "denormalize",
     "grid",
     "label",
     "labelled_grid",
+    "method_strip",
     "overlay",
     "save_png",
     "to_uint8",
 ]
-
-METHOD_LABELS: dict[str, str] = {
-    "eigencam": "EigenCAM",
-    "tsm": "TSM",
-    "multivec_eigencam": "MV-EigenCAM",
-    "mtsm": "MTSM",
-}
-"""Short display names of the methods, used in picture headers."""
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Control points (value 0 .. 1, evenly spaced) of each colormap, RGB in [0, 1], linearly interpolated.
 COLORMAPS: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -240,6 +233,29 @@ def labelled_grid(
         draw.text((padding, y), text, fill=(0, 0, 0), font=font, anchor="lm")
     out = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
     return out.reshape(canvas.height, canvas.width, 3).permute(2, 0, 1).contiguous().to(picture.device)
+
+
+def method_strip(tiles: Tensor, overlays: Tensor, name: str) -> Tensor:
+    """One method's picture: the input tiles above its overlays, the rows named on the left.
+
+    Args:
+        tiles: ``(n, 3, H, W)`` uint8 inputs.
+        overlays: ``(n, 3, H, W)`` uint8 overlays of method ``name``.
+        name: the method (shown as :func:`label`).
+    """
+    return labelled_grid([tiles, overlays], row_labels=["input", label(name)])
+
+
+def comparison_grid(tiles: Tensor, overlays: Mapping[str, Tensor]) -> Tensor:
+    """One row per image: the input, then one overlay per method, under a header row naming the columns.
+
+    Args:
+        tiles: ``(n, 3, H, W)`` uint8 inputs.
+        overlays: ``{method: (n, 3, H, W) uint8}``.
+    """
+    columns = [tiles, *overlays.values()]
+    rows = [torch.stack([col[i] for col in columns]) for i in range(tiles.shape[0])]
+    return labelled_grid(rows, column_labels=["input", *(label(name) for name in overlays)])
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:

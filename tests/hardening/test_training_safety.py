@@ -91,9 +91,9 @@ def test_bf16_mixed_precision_gives_finite_maps(tmp_path):
     original = monitor._maps
 
     def spy(features):
-        maps = original(features)
+        decomposition, maps = original(features)  # the maps and the decomposition they were read from
         maps_seen.append((features.dtype, maps))
-        return maps
+        return decomposition, maps
 
     monitor._maps = spy
     _fit(tmp_path, monitor, max_steps=4, precision="bf16-mixed", logger=False)
@@ -150,7 +150,7 @@ def test_unwritable_output_warns_and_training_goes_on(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tsm_lightning.callbacks.monitor.save_png", full_disk)
+    monkeypatch.setattr("tsm_lightning.sinks.save_png", full_disk)
     monitor = SaliencyMonitor(torch.randn(2, 3, 16, 16), layer=LAYER, every_n_steps=2, num_images=2)
     with pytest.warns(RuntimeWarning, match="No space left on device"):
         trainer, _ = _fit(tmp_path, monitor, max_steps=4, logger=False)

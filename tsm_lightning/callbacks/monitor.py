@@ -1,7 +1,10 @@
 """SaliencyMonitor: log how a fixed probe batch's saliency evolves while a model trains.
 
-The callback holds Lightning wiring only: probe building lives in :mod:`tsm_lightning.probe`, layer capture in
-:mod:`tsm_lightning.capture`, the maths in :mod:`tsm_lightning.core`, overlays in :mod:`tsm_lightning.render`.
+The callback holds Lightning wiring only -- when a run happens, on which rank, and the state a checkpoint keeps.
+A run is the package's one pipeline: the probe (:mod:`tsm_lightning.probe`) through
+:func:`~tsm_lightning.pipeline.capture_features` and :func:`~tsm_lightning.pipeline.maps_of`, pictures and metrics
+by :mod:`tsm_lightning.monitoring`, written by :mod:`tsm_lightning.sinks`; sharded training by
+:mod:`tsm_lightning.callbacks.sharding`. Most of this file's length is the documented, validated arguments.
 The implementation is one mixin, :class:`SaliencyMonitorMixin`, combined with ``lightning.pytorch.Callback``
 here and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pl`.
 """
@@ -9,54 +12,35 @@ here and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pl
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from tsm_lightning.callbacks.sharding import Sharding, detect_sharding, full_features
-from tsm_lightning.capture import (
-    capture,
-    check_feature_map,
-    choose_layer,
-    forward_target,
-    get_layer,
-    layer_shapes,
-    search_root,
-)
-from tsm_lightning.core import METHODS, WEIGHTINGS, saliency_maps, upsample_maps, validate_methods
+from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
+from tsm_lightning.capture import candidate_layers, choose_layer, forward_target, get_layer, search_root
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
-from tsm_lightning.metrics import (
-    default_embed_fn,
-    effective_rank,
-    embedding_spread,
-    faithfulness_metrics,
-    localization_metrics,
-    map_metrics,
-    pearson,
-    random_maps,
-    summarize,
+from tsm_lightning.metrics import default_embed_fn
+from tsm_lightning.monitoring import (
+    collapse_scalars,
+    display_tiles,
+    fresh_copy,
+    localization_references,
+    per_image_metrics,
+    pictures,
+    scalars,
+    stability_references,
 )
+from tsm_lightning.pipeline import capture_features, maps_of
 from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
-from tsm_lightning.render import (
-    COLORMAPS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    denormalize,
-    label,
-    labelled_grid,
-    overlay,
-    save_png,
-    to_uint8,
-)
+from tsm_lightning.render import COLORMAPS
 from tsm_lightning.rng import preserved_rng
+from tsm_lightning.sinks import Sink, is_tensorboard, sinks_for_loggers
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "REFERENCE_NAMES", "SaliencyMonitor", "SaliencyMonitorMixin"]
 
@@ -228,7 +212,7 @@ class SaliencyMonitorMixin:
         self._display: tuple[Tensor, Tensor] | None = None
         self._last_attempted_step: int | None = None
         self._told_samples_per_plugin = False
-        self._layout_written = False
+        self._sinks: tuple[object, list[Sink]] | None = None
         self._sharding: Sharding | None = None
 
     # ------------------------------------------------------------------------------------------------ identity
@@ -345,21 +329,16 @@ class SaliencyMonitorMixin:
 
     def _discover_layer(self, pl_module: Any) -> str:
         assert self.probe is not None
-        prefix, root = search_root(pl_module)
         images = self._model_input(pl_module)
         try:
-            if self.forward_fn is None and root is not pl_module:
-                infos = layer_shapes(root, images)
-            else:
-                prefix, forward = "", self.forward_fn or (lambda module, x: module(x))
-                infos = layer_shapes(pl_module, images, lambda _m, x: forward(pl_module, x))
+            infos = candidate_layers(pl_module, images, self.forward_fn)
         except (TypeError, RuntimeError) as err:
             raise ValueError(
                 f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
                 "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
             ) from err
         try:
-            chosen, text = choose_layer([dataclasses.replace(info, name=prefix + info.name) for info in infos])
+            chosen, text = choose_layer(infos)
         except ValueError as err:
             raise ValueError(
                 f"SaliencyMonitor found no layer to monitor for probe images {tuple(images.shape)}: {err}"
@@ -372,7 +351,7 @@ class SaliencyMonitorMixin:
         return chosen.name
 
     def _tell_samples_per_plugin(self, trainer: Any) -> None:
-        if self._told_samples_per_plugin or not any(_is_tensorboard(lg) for lg in trainer.loggers):
+        if self._told_samples_per_plugin or not any(is_tensorboard(lg) for lg in trainer.loggers):
             return
         self._told_samples_per_plugin = True
         _info(
@@ -486,24 +465,20 @@ class SaliencyMonitorMixin:
 
         ``gathered`` is the module the forward calls, whose parameters are gathered first when they are sharded.
         """
-        assert self.probe is not None
-        images = self._model_input(module)
-        with (
-            preserved_rng(),
-            autocast_off(images.device),
-            self._gathered(gathered),
-            capture(module, layer) as cap,
-        ):
-            output = forward(images)
-        features = check_feature_map(full_features(cap.features), layer).float()
-        if not bool(torch.isfinite(features).all()):
-            raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
-        if isinstance(output, Tensor):
-            output = full_features(output.detach())
-        return features, output
+        return capture_features(
+            module,
+            self._model_input(module),
+            layer,
+            forward_fn=lambda _module, images: forward(images),
+            gathered=self._gathered(gathered),
+            finite=True,
+        )
 
-    def _maps(self, features: Tensor) -> dict[str, Tensor]:
-        return saliency_maps(features, self.methods, num_components=self.num_components, weighting=self.weighting)
+    def _maps(self, features: Tensor) -> tuple[Decomposition, dict[str, Tensor]]:
+        # One decomposition for the maps and, with metrics=True, the spectral metrics.
+        return maps_of(
+            features, self.methods, num_components=self.num_components, weighting=self.weighting, spectra=self.metrics
+        )
 
     def compute(self, pl_module: Any, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Capture the layer on the probe and return ``(features, maps)`` without side effects on the model.
@@ -520,7 +495,7 @@ class SaliencyMonitorMixin:
         """
         if features is None:
             features, _ = self._capture_probe(pl_module)
-        return features, self._maps(features)
+        return features, self._maps(features)[1]
 
     def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
         # The probe forward (on every rank when the parameters are sharded): (features, forward output).
@@ -539,75 +514,60 @@ class SaliencyMonitorMixin:
             captured: ``(features, forward output)`` when every rank already ran the probe forward (sharded
                 training); ``None`` runs it here.
         """
+        assert self.probe is not None
         step = trainer.global_step
         features, output = captured if captured is not None else self._capture_probe(pl_module)
-        maps = self._maps(features)
-        inputs, tiles = self._display_tiles()
-        shown = {name: m[: inputs.shape[0]] for name, m in maps.items()}
-        size = (inputs.shape[-2], inputs.shape[-1])
-        overlays = {
-            name: overlay(inputs, upsample_maps(m, size), self.colormap, self.alpha) for name, m in shown.items()
-        }
-        pictures = {
-            f"saliency/{name}": labelled_grid([tiles, row], row_labels=["input", label(name)])
-            for name, row in overlays.items()
-        }
-        pictures["saliency/all"] = _comparison_grid(tiles, overlays)
-        scalars = self._scalars(pl_module, features, maps, output) if self.metrics else {}
-        self._log(trainer, pictures, scalars, step)
+        decomposition, maps = self._maps(features)
+        runs = len(self.logged_steps) + 1
+        faithful = self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0
+        # Upsampled once, to the probe's size, and only when a metric needs them (the masks are the probe's size).
+        full = None
+        if self.metrics and (self.probe.masks is not None or faithful):
+            full = {name: upsample_maps(m, self.probe.images.shape[-2:]) for name, m in maps.items()}
+        if self._display is None:
+            shown = self.probe.images[: self.display_images]
+            self._display = display_tiles(shown, self.mean, self.std, self.image_size)
+        images = pictures(maps, full, *self._display, colormap=self.colormap, alpha=self.alpha)
+        values = self._scalars(pl_module, decomposition, maps, full, output, faithful) if self.metrics else {}
+        self._log(trainer, images, values, step)
         self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
         if self.first_maps is None:
             self.first_maps = self.previous_maps
         self.last_logged_step = step
         self.logged_steps.append(step)
 
-    def _display_tiles(self) -> tuple[Tensor, Tensor]:
-        """The first ``display_images`` probe images in ``[0, 1]`` at tile size, and as uint8 tiles (cached)."""
-        assert self.probe is not None
-        if self._display is None:
-            images = denormalize(self.probe.images[: self.display_images], self.mean, self.std)
-            if self.image_size is not None and images.shape[-1] != self.image_size:
-                images = torch.nn.functional.interpolate(
-                    images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-                ).clamp(0, 1)
-            self._display = images, to_uint8(images)
-        return self._display
-
-    def _scalars(self, pl_module: Any, features: Tensor, maps: dict[str, Tensor], output: object) -> dict[str, float]:
+    def _scalars(
+        self,
+        pl_module: Any,
+        decomposition: Decomposition,
+        maps: dict[str, Tensor],
+        full: dict[str, Tensor] | None,
+        output: object,
+        faithful: bool,
+    ) -> dict[str, float]:
         """Label-free metrics averaged over the probe as ``saliency/<name>/<metric>``, with their references."""
         assert self.probe is not None
-        cpu_maps = {name: m.detach().cpu() for name, m in maps.items()}
-        per_image = map_metrics(cpu_maps, previous=self.previous_maps, first=self.first_maps, features=features.cpu())
         masks = self.probe.masks
-        if masks is not None:
-            size = (masks.shape[-2], masks.shape[-1])
-            full = {name: upsample_maps(m, size) for name, m in cpu_maps.items()}
-            for name, m in full.items():
-                per_image[name].update(localization_metrics(m, masks.cpu()))
-        runs = len(self.logged_steps) + 1
-        if self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0:
+        faithfulness = None
+        if faithful:
             embed = self.embed_fn or default_embed_fn(pl_module, forward_fn=self._forward)
-            images = self._model_input(pl_module)
-            size = (images.shape[-2], images.shape[-1])
-            with preserved_rng(), autocast_off(images.device):
-                faithful = faithfulness_metrics(
-                    embed, images, {n: upsample_maps(m, size) for n, m in maps.items()}, steps=self.faithfulness_steps
-                )
-            for name, values in faithful.items():
-                per_image.setdefault(name, {}).update(values)
-        scalars = {
-            f"saliency/{name}/{metric}": value
-            for name, metric_values in summarize(per_image).items()
-            for metric, value in metric_values.items()
-            if math.isfinite(value)
-        }
-        scalars.update(_collapse_scalars(output))
+            faithfulness = (embed, self._model_input(pl_module), self.faithfulness_steps)
+        with preserved_rng(), autocast_off(self.probe.images.device):
+            per_image = per_image_metrics(
+                maps,
+                decomposition,
+                full=full,
+                masks=masks,
+                previous=self.previous_maps,
+                first=self.first_maps,
+                faithfulness=faithfulness,
+            )
+        collapse = collapse_scalars(output, self.references)
         if self.first_maps is None and self.stability_reference:
-            self.references.update(self._fresh_init_references(pl_module, cpu_maps))
+            self.references.update(self._fresh_init_references(pl_module, maps))
         if masks is not None and not any(key.startswith("saliency/random/") for key in self.references):
-            self.references.update(_localization_references(masks.cpu(), self.seed))
-        scalars.update({key: value for key, value in self.references.items() if math.isfinite(value)})
-        return scalars
+            self.references.update(localization_references(masks, self.seed))
+        return scalars(per_image, {**collapse, **self.references})
 
     def _fresh_init_references(self, pl_module: Any, first: dict[str, Tensor]) -> dict[str, float]:
         """``stability_first`` of an independently initialised copy of the monitored network (see ``__init__``)."""
@@ -616,49 +576,21 @@ class SaliencyMonitorMixin:
         target = forward_target(pl_module, layer)
         if self.forward_fn is not None or target is pl_module or self._sharding is not None:
             return {}  # no copy of a user-defined forward, of the whole module, or of sharded parameters
-        fresh = copy.deepcopy(target)
-        with preserved_rng(self.seed + 1):
-            for module in fresh.modules():
-                reset = getattr(module, "reset_parameters", None)
-                if callable(reset):
-                    reset()
+        fresh = fresh_copy(target, self.seed + 1)
         features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh)
         del fresh
-        maps = {name: m.detach().cpu() for name, m in self._maps(features).items()}
-        return {
-            f"saliency/fresh_init_{name}/stability_first": float(pearson(maps[name], first[name]).nanmean())
-            for name in maps
-        }
+        return stability_references(self._maps(features)[1], first)
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log(self, trainer: Any, pictures: dict[str, Tensor], scalars: dict[str, float], step: int) -> None:
-        loggers = list(trainer.loggers)
-        if not loggers:
-            root = Path(trainer.default_root_dir) / "saliency"
-            if not self.logged_steps:
-                _info(f"SaliencyMonitor: no logger configured, writing PNG overlays under {root}.")
-            _write_pngs(root, pictures, step)
-            return
-        for logger in loggers:
-            if _is_tensorboard(logger):
-                writer = logger.experiment
-                if not self._layout_written and scalars:
-                    writer.add_custom_scalars(_custom_scalars_layout(scalars))
-                    self._layout_written = True
-                for tag, picture in pictures.items():
-                    writer.add_image(tag, picture, global_step=step, dataformats="CHW")
-                for tag, value in scalars.items():
-                    writer.add_scalar(tag, value, global_step=step)
-                writer.flush()
-                continue
-            if hasattr(logger, "log_image"):
-                for tag, picture in pictures.items():
-                    logger.log_image(key=tag, images=[picture.permute(1, 2, 0).cpu().numpy()], step=step)
-            else:
-                root = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
-                _write_pngs(root / "saliency", pictures, step)
-            if scalars:
-                logger.log_metrics(scalars, step=step)
+        root = Path(trainer.default_root_dir) / "saliency"
+        if not trainer.loggers and not self.logged_steps:
+            _info(f"SaliencyMonitor: no logger configured, writing PNG overlays under {root}.")
+        key = (tuple(id(logger) for logger in trainer.loggers), str(root))
+        if self._sinks is None or self._sinks[0] != key:  # one set per Trainer: the layout is written once
+            self._sinks = key, sinks_for_loggers(trainer.loggers, root)
+        for sink in self._sinks[1]:
+            sink.write(pictures, scalars, step)
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -735,55 +667,3 @@ def _ranks(failures: dict[int, str]) -> str:
 
 def _reasons(failures: dict[int, str]) -> str:
     return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
-
-
-def _is_tensorboard(logger: Any) -> bool:
-    experiment = getattr(logger, "experiment", None) if type(logger).__name__.startswith("TensorBoard") else None
-    return experiment is not None and hasattr(experiment, "add_image")
-
-
-def _comparison_grid(tiles: Tensor, overlays: dict[str, Tensor]) -> Tensor:
-    # Columns: input, then each method, named in a header row; one row per probe image.
-    columns = [tiles, *overlays.values()]
-    rows = [torch.stack([col[i] for col in columns]) for i in range(tiles.shape[0])]
-    return labelled_grid(rows, column_labels=["input", *(label(name) for name in overlays)])
-
-
-def _localization_references(masks: Tensor, seed: int) -> dict[str, float]:
-    """Localization of a fixed random map, and chance (a uniformly random pixel / a uniform map): mask area."""
-    random = summarize({"random": localization_metrics(random_maps(masks.float(), seed=seed), masks)})
-    scalars = {f"saliency/random/{metric}": value for metric, value in random["random"].items()}
-    area = masks.flatten(1).float().mean(dim=1)
-    area = float(area[area > 0].mean()) if bool((area > 0).any()) else math.nan
-    scalars["saliency/chance/pointing_game"] = area
-    scalars["saliency/chance/energy_in_mask"] = area
-    return scalars
-
-
-def _collapse_scalars(output: object) -> dict[str, float]:
-    """Collapse indicators of the monitored forward's output, beside those of isotropic Gaussian embeddings."""
-    if not isinstance(output, Tensor) or output.ndim < 2 or output.shape[0] < 2 or not output.is_floating_point():
-        return {}
-    embeddings = output.detach().flatten(1).float().cpu()
-    isotropic = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(0))
-    return {
-        "saliency/embedding/spread": float(embedding_spread(embeddings)),
-        "saliency/embedding/effective_rank": float(effective_rank(embeddings)),
-        "saliency/isotropic/spread": float(embedding_spread(isotropic)),
-        "saliency/isotropic/effective_rank": float(effective_rank(isotropic)),
-    }
-
-
-def _custom_scalars_layout(scalars: dict[str, float]) -> dict[str, dict[str, list]]:
-    # One TensorBoard "Custom Scalars" chart per metric, with a line per method and per reference (random map,
-    # chance, fresh initialisation, isotropic embedding): curves are read against their references at a glance.
-    by_metric: dict[str, list[str]] = {}
-    for tag in scalars:
-        metric = tag.split("/", 2)[2]
-        by_metric.setdefault(metric, []).append(tag)
-    return {"saliency": {metric: ["Multiline", tags] for metric, tags in sorted(by_metric.items())}}
-
-
-def _write_pngs(root: Path, pictures: dict[str, Tensor], step: int) -> None:
-    for tag, picture in pictures.items():
-        save_png(picture, root / f"{tag.replace('/', '_')}_step{step:07d}.png")

@@ -7,9 +7,18 @@
     from tsm_lightning.callbacks.pl import SaliencyMonitor
 
     trainer = pl.Trainer(callbacks=[SaliencyMonitor(layer="backbone.7")])
+
+``pytorch_lightning`` is the optional ``pl`` extra (``pip install 'tsm-lightning[pl]'``); only this module needs it.
 """
 
-from pytorch_lightning import Callback
+try:
+    from pytorch_lightning import Callback
+except ImportError as err:
+    raise ImportError(
+        "tsm_lightning.callbacks.pl needs the standalone pytorch_lightning package: pip install 'tsm-lightning[pl]' "
+        "(or pip install pytorch-lightning). With the unified `lightning` package use "
+        f"tsm_lightning.callbacks.SaliencyMonitor instead. ({err})"
+    ) from err
 
 from tsm_lightning.callbacks.monitor import SaliencyMonitorMixin
 

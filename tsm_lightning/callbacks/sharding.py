@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tsm_lightning.capture import full_tensor as full_features
+
 __all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "detect_sharding", "full_features"]
 
 SHARDING_KINDS = ("fsdp2", "fsdp1", "deepspeed", "dtensor")
@@ -145,17 +147,6 @@ def agree_on_failure(error: BaseException | None, device: torch.device | str = "
     messages: list[str | None] = [None] * world
     dist.all_gather_object(messages, _describe(error) if error is not None else None)
     return {r: messages[r] or "unknown error" for r in failed}
-
-
-def full_features(features: Tensor) -> Tensor:
-    """The full feature map on every rank: a ``DTensor`` (a tensor-parallel layer's output) is gathered.
-
-    Collective for a ``DTensor``: call it on every rank. Plain tensors are returned as they are.
-    """
-    dtensor = _dtensor_class()
-    if dtensor is not None and isinstance(features, dtensor):
-        return features.full_tensor()
-    return features
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2

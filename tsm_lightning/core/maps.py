@@ -10,11 +10,12 @@ left singular vector, ``s_k`` the k-th singular value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from tsm_lightning.constants import METHODS, WEIGHTINGS
 from tsm_lightning.core.postprocess import normalize_maps
 from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose
 
@@ -24,6 +25,7 @@ __all__ = [
     "Method",
     "Weighting",
     "compute_maps",
+    "decomposition_request",
     "eigencam",
     "mtsm",
     "multivec_eigencam",
@@ -34,12 +36,6 @@ __all__ = [
 
 Method = Literal["eigencam", "tsm", "multivec_eigencam", "mtsm"]
 Weighting = Literal["singular", "variance", "uniform"]
-
-METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
-"""Every saliency method this package computes, in display order."""
-
-WEIGHTINGS: tuple[str, ...] = ("singular", "variance", "uniform")
-"""Weightings of the multivector methods: ``w_k = s_k``, ``w_k = s_k ** 2`` or ``w_k = 1``."""
 
 _CENTRED = frozenset({"eigencam", "multivec_eigencam"})
 _MULTI = frozenset({"multivec_eigencam", "mtsm"})
@@ -106,11 +102,31 @@ def _to_float32(maps: Tensor) -> Tensor:
     return maps.clamp(max=_FLOAT32_MAX).to(torch.float32)
 
 
+def decomposition_request(methods: Sequence[str], num_components: int | None = None) -> dict[str, Any]:
+    """What :func:`~tsm_lightning.core.decompose` must compute for ``methods``: its keyword arguments.
+
+    The uncentred spectrum for TSM/MTSM, the centred one for the EigenCAM variants, and every component only when
+    a multivector method is asked for (``num_components`` of them), else the leading one.
+    """
+    return {
+        "uncentred": any(name not in _CENTRED for name in methods),
+        "centred": any(name in _CENTRED for name in methods),
+        "num_components": num_components if any(name in _MULTI for name in methods) else 1,
+    }
+
+
+def _leading(spectrum: Spectrum, num_components: int | None) -> Spectrum:
+    if num_components is None or num_components >= spectrum.singular_values.shape[1]:
+        return spectrum
+    return Spectrum(spectrum.singular_values[:, :num_components], spectrum.projections[:, :num_components])
+
+
 def compute_maps(
     decomposition: Decomposition,
     methods: Sequence[str] = METHODS,
     *,
     weighting: str = "singular",
+    num_components: int | None = None,
 ) -> dict[str, Tensor]:
     """Raw maps of several methods from one :class:`Decomposition`.
 
@@ -119,6 +135,8 @@ def compute_maps(
             (the uncentred one for ``tsm``/``mtsm``, the centred one for ``eigencam``/``multivec_eigencam``).
         methods: names from :data:`METHODS`.
         weighting: multivector weighting, one of :data:`WEIGHTINGS`.
+        num_components: components ``K`` summed by the multivector methods; ``None`` uses every component the
+            decomposition holds (a decomposition with more, e.g. for the spectral metrics, is cut to ``K``).
 
     Returns:
         ``{method: (B, h, w) float32}`` raw non-negative maps; zero for invalid (non-finite) images.
@@ -136,7 +154,7 @@ def compute_maps(
         elif name == "tsm":
             raw = _first_component(spectrum).abs()
         else:
-            raw = _multivector_map(spectrum, weighting)
+            raw = _multivector_map(_leading(spectrum, num_components), weighting)
         out[name] = _to_float32(raw)
     return out
 
@@ -173,13 +191,7 @@ def saliency_maps(
     """
     methods = validate_methods(methods)
     _validate_weighting(weighting)
-    multi = any(name in _MULTI for name in methods)
-    decomposition = decompose(
-        features,
-        uncentred=any(name not in _CENTRED for name in methods),
-        centred=any(name in _CENTRED for name in methods),
-        num_components=num_components if multi else 1,
-    )
+    decomposition = decompose(features, **decomposition_request(methods, num_components))
     maps = compute_maps(decomposition, methods, weighting=weighting)
     if normalize:
         maps = {name: normalize_maps(m) for name, m in maps.items()}

@@ -6,13 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tsm_lightning.checks import check_maps
+
 __all__ = ["normalize_maps", "upsample_maps"]
-
-
-def _check_maps(maps: Tensor) -> None:
-    if not isinstance(maps, Tensor) or maps.ndim != 3 or not maps.is_floating_point():
-        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"maps must be a floating-point tensor of shape (B, h, w), got {shape}.")
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -27,7 +23,7 @@ def normalize_maps(maps: Tensor) -> Tensor:
     Returns:
         ``(B, h, w)`` float32 maps in ``[0, 1]``.
     """
-    _check_maps(maps)
+    check_maps(maps, spec="(B, h, w)")
     x = torch.nan_to_num(maps.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo = x.amin(dim=(1, 2), keepdim=True)
     hi = x.amax(dim=(1, 2), keepdim=True)
@@ -49,7 +45,7 @@ def upsample_maps(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
     Returns:
         ``(B, H, W)`` maps in the input dtype (float32 for half-precision inputs).
     """
-    _check_maps(maps)
+    check_maps(maps, spec="(B, h, w)")
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"size must be a positive int or (H, W), got {size!r}.")

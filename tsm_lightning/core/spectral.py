@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tsm_lightning.checks import check_features as validate_features
+from tsm_lightning.checks import check_num_components
+
 __all__ = ["Decomposition", "Spectrum", "autocast_off", "decompose", "gram_dtype_for", "validate_features"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -75,32 +78,6 @@ class Decomposition:
     centred: Spectrum | None
     channel_sum: Tensor
     valid: Tensor
-
-
-def validate_features(features: Tensor) -> None:
-    """Raise a clear error unless ``features`` is a floating ``(B, C, h, w)`` tensor with ``B, C, h, w >= 1``.
-
-    Args:
-        features: candidate feature maps.
-
-    Raises:
-        TypeError: if ``features`` is not a floating-point tensor.
-        ValueError: if it is not 4-D or has an empty dimension.
-    """
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor of shape (B, C, h, w), got {type(features).__name__}.")
-    if not features.is_floating_point():
-        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}.")
-    if features.ndim != 4:
-        hint = ""
-        if features.ndim == 3:
-            hint = (
-                " A 3-D tensor may be a single image's map (add a batch dimension with features[None]) or ViT "
-                "tokens (B, N, C), which are not supported: reshape them to (B, C, h, w) first."
-            )
-        raise ValueError(f"features must have shape (B, C, h, w), got {tuple(features.shape)}.{hint}")
-    if min(features.shape) < 1:
-        raise ValueError(f"features must not have an empty dimension, got shape {tuple(features.shape)}.")
 
 
 def gram_dtype_for(features: Tensor) -> torch.dtype:
@@ -212,8 +189,7 @@ def decompose(
         ValueError: if ``features`` is not ``(B, C, h, w)`` or ``num_components < 1``.
     """
     validate_features(features)
-    if num_components is not None and num_components < 1:
-        raise ValueError(f"num_components must be a positive integer or None, got {num_components}.")
+    check_num_components(num_components)
     with autocast_off(features.device):
         return _decompose(features, uncentred, centred, num_components)
 

@@ -5,15 +5,17 @@ singular values of the channel unfolding, and :func:`~tsm_lightning.core.salienc
 MTSM exactly and much faster. With spatial ranks below ``(h, w)`` HOOI couples the modes and has no closed
 form: this module runs tensorly's ``tucker`` on each image (HOOI is defined per tensor), under a scoped
 ``tensorly.backend_context("pytorch")`` so that the global tensorly backend is never changed.
+
+tensorly is imported when :func:`tucker_saliency` first runs, never by ``import tsm_lightning``: it is the optional
+``tucker`` extra (``pip install 'tsm-lightning[tucker]'``), needed only here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import tucker
 from torch import Tensor
 
 from tsm_lightning.core.postprocess import normalize_maps
@@ -23,6 +25,19 @@ __all__ = ["TUCKER_METHODS", "tucker_saliency"]
 
 TUCKER_METHODS: tuple[str, ...] = ("tsm", "mtsm")
 """Methods :func:`tucker_saliency` computes."""
+
+
+def _tensorly() -> tuple[Any, Any]:
+    """``(tensorly, tensorly.decomposition.tucker)``, or an ``ImportError`` that names the extra to install."""
+    try:
+        import tensorly
+        from tensorly.decomposition import tucker
+    except ImportError as err:
+        raise ImportError(
+            "tucker_saliency needs tensorly, an optional dependency: pip install 'tsm-lightning[tucker]' (or "
+            f"pip install tensorly). ({err})"
+        ) from err
+    return tensorly, tucker
 
 
 def _resolve_rank(rank: int | Sequence[int] | None, shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -66,6 +81,7 @@ def tucker_saliency(
         ``{method: (B, h, w) float32}`` on the features' device.
     """
     validate_features(features)
+    tl, tucker = _tensorly()
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     unknown = [name for name in names if name not in TUCKER_METHODS]
     if unknown or not names:

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGE_EXTENSIONS",

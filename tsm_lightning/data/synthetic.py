@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["HELDOUT_SEED_OFFSET", "SHAPES", "SyntheticObject", "SyntheticShapes", "sample_seed"]
 

@@ -1,0 +1,281 @@
+"""The subcommands ``explain``, ``compare`` and ``layers``.
+
+Each batch of images goes through :func:`tsm_lightning.pipeline.explain_batch`, the path ``explain()`` and
+``SaliencyMonitor`` take; the layer search is :func:`tsm_lightning.capture.discover_layer`. torch and the rest of the
+library are imported when a command runs, not when the parser does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tsm_lightning.cli.errors import PROG, CLIError, _one_line, _progress
+from tsm_lightning.cli.loading import Loaded, _check_file, load_model
+from tsm_lightning.cli.outputs import (
+    OutputDir,
+    _enlarge,
+    _float,
+    _fmt,
+    _input_tiles,
+    _print_table,
+    _report_skipped,
+    _stems,
+    _write_tensorboard,
+    checkpoint_labels,
+)
+
+__all__ = ["cmd_compare", "cmd_explain", "cmd_layers"]
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _check_layer(loaded: Loaded, layer: str) -> None:
+    from tsm_lightning.capture import get_layer
+
+    try:
+        get_layer(loaded.model, layer)
+    except ValueError as err:
+        raise CLIError(
+            f"--layer: {_one_line(err)}".replace("`tsm-lightning layers`", "`tsm-lightning layers ...`")
+        ) from err
+
+
+def _resolve_layer(loaded: Loaded, layer: str | None, sample: Any) -> str:
+    if layer is not None:
+        _check_layer(loaded, layer)
+        return layer
+    try:
+        chosen, text = loaded.discover_layer(sample)
+    except (TypeError, RuntimeError) as err:
+        raise CLIError(f"could not run the model to discover a layer ({_one_line(err)}); pass --layer NAME") from err
+    except ValueError as err:
+        raise CLIError(f"no layer to explain: {_one_line(err)}") from err
+    _progress(f"layer: {text} (auto; pass --layer to choose another, list them with `{PROG} layers`)")
+    return chosen
+
+
+def _run_model(
+    loaded: Loaded, images: Any, layer: str, methods: Sequence[str], batch_size: int, device: str, label: str = ""
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Explain all images in batches: CPU maps ``{method: (N, H, W)}`` and per-image ``map_metrics``.
+
+    Each batch goes through :func:`~tsm_lightning.pipeline.explain_batch`, whose one decomposition gives the maps
+    and the spectral metrics.
+    """
+    import torch
+
+    from tsm_lightning.metrics import map_metrics
+    from tsm_lightning.pipeline import explain_batch
+
+    n = images.shape[0]
+    batches = math.ceil(n / batch_size)
+    maps_out: dict[str, list[Any]] = {m: [] for m in methods}
+    metrics_out: dict[str, dict[str, list[Any]]] = {}
+    start = time.perf_counter()
+    for b in range(batches):
+        chunk = images[b * batch_size : (b + 1) * batch_size].to(device)
+        result = explain_batch(loaded.model, chunk, layer, methods, spectra=True)
+        maps = result.upsampled()
+        for method, values in map_metrics(maps, decomposition=result.decomposition).items():
+            for metric, v in values.items():
+                metrics_out.setdefault(method, {}).setdefault(metric, []).append(v.detach().cpu())
+        for method in methods:
+            maps_out[method].append(maps[method].detach().float().cpu())
+        done = min(n, (b + 1) * batch_size)
+        _progress(f"{label}batch {b + 1}/{batches}: {done}/{n} images ({time.perf_counter() - start:.1f} s)")
+    cat_maps = {m: torch.cat(v) for m, v in maps_out.items()}
+    cat_metrics = {m: {k: torch.cat(v) for k, v in d.items()} for m, d in metrics_out.items()}
+    return cat_maps, cat_metrics
+
+
+def _load_inputs(args: argparse.Namespace) -> tuple[Any, list[Path], list[tuple[Path, str]]]:
+    from tsm_lightning.data.folder import load_images
+
+    try:
+        return load_images(args.images, args.image_size, warn=False)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--images: {_one_line(err)}") from err
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``tsm-lightning explain``."""
+    from tsm_lightning.core import validate_methods
+    from tsm_lightning.metrics import summarize
+    from tsm_lightning.render import comparison_grid, label, overlay
+    from tsm_lightning.sinks import PngSink, write_csv
+
+    methods = validate_methods(args.methods)
+    device = _check_device(args.device)
+    out = OutputDir(args.out, args.force)
+    images, files, skipped = _load_inputs(args)
+    loaded = load_model(args, args.checkpoint, required=False)
+    layer = _resolve_layer(loaded, args.layer, images[:1].to(device))
+    if loaded.random_weights:  # after every check, so that a user mistake still gives one line
+        trained = "--weights FILE" if args.arch else "a CHECKPOINT"
+        _progress(
+            f"warning: no weights given: explaining {loaded.source}; the maps show the untrained network, not a "
+            f"trained model. Pass {trained} to explain trained weights."
+        )
+    maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
+
+    inputs = _input_tiles(images)
+    overlays = {method: overlay(inputs.float() / 255, maps[method]) for method in methods}
+    features = per_image.get("features", {})
+    rows: list[dict[str, Any]] = []
+    pictures: dict[str, Any] = {}
+    stems = _stems(files)
+    column_labels = ["input", *(label(m) for m in methods)]
+    png = PngSink(out.path, lambda tag, _step: out.file(f"{tag.removeprefix('explain/')}.png"))
+    for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
+        for method in methods:
+            values = per_image[method]
+            row: dict[str, Any] = {"image": stem, "path": str(path), "method": method}
+            row.update({k: _float(values[k][i]) for k in ("entropy", "gini")})
+            if len(methods) > 1:
+                agree = {f"agreement_{m}": values.get(f"agreement_{m}") for m in methods}
+                row.update({k: None if v is None else _float(v[i]) for k, v in agree.items()})
+            row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
+            row.update({k: _float(v[i]) for k, v in features.items()})
+            rows.append(row)
+        shown = {method: _enlarge(overlays[method][i : i + 1]) for method in methods}
+        picture = {f"explain/{stem}": comparison_grid(_enlarge(inputs[i : i + 1]), shown)}
+        png.write(picture, {}, 0)
+        pictures.update(picture)
+
+    write_csv(out.file("metrics.csv"), rows)
+    summary = summarize({m: per_image[m] | features for m in methods})
+    meta = {
+        "tool": PROG,
+        "command": "explain",
+        "model": loaded.source,
+        "random_weights": loaded.random_weights,
+        "layer": layer,
+        "methods": list(methods),
+        "image_size": args.image_size,
+        "columns": ["input", *methods],
+        "column_labels": column_labels,
+        "images": [{"image": s, "path": str(p), "png": f"{s}.png"} for s, p in zip(stems, files, strict=True)],
+        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+        "summary": {m: {k: _float(v) for k, v in d.items()} for m, d in summary.items()},
+        "rows": rows,
+    }
+    out.file("metrics.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if args.tensorboard:
+        _write_tensorboard(out, pictures, summary)
+    out.close()
+
+    keys = ["entropy", "gini", "spectral_concentration"]
+    print(f"explained {len(files)} image(s) with {loaded.source}, layer {layer}; wrote {out.path}")
+    _print_table(["method", *keys], [[m, *(_fmt(summary[m].get(k)) for k in keys)] for m in methods])
+    _report_skipped(skipped)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``tsm-lightning compare``."""
+    import torch
+
+    from tsm_lightning.core import validate_methods
+    from tsm_lightning.metrics import pearson
+    from tsm_lightning.render import label, labelled_grid, overlay
+    from tsm_lightning.sinks import PngSink, write_csv
+
+    methods = validate_methods(args.methods)
+    device = _check_device(args.device)
+    if len(args.checkpoints) < 2:
+        raise CLIError("compare needs at least two checkpoints")
+    for ckpt in args.checkpoints:  # every file before the first model runs: a typo gives one line, at once
+        _check_file(ckpt, "weights file" if args.arch else "checkpoint")
+    out = OutputDir(args.out, args.force)
+    images, files, skipped = _load_inputs(args)
+    layer = args.layer
+    all_maps: list[dict[str, Any]] = []
+    names = checkpoint_labels(args.checkpoints)
+    for k, (ckpt, name) in enumerate(zip(args.checkpoints, names, strict=True)):
+        loaded = load_model(args, ckpt)
+        layer = _resolve_layer(loaded, layer, images[:1].to(device))
+        maps, _ = _run_model(
+            loaded, images, layer, methods, args.batch_size, device, label=f"[{k + 1}/{len(names)} {name}] "
+        )
+        all_maps.append(maps)
+        del loaded
+
+    inputs = _input_tiles(images)
+    stems = _stems(files)
+    png = PngSink(out.path, lambda tag, _step: out.file(f"{tag}.png"))
+    rows: list[dict[str, Any]] = []
+    corr = {(a, m): pearson(all_maps[a][m], all_maps[a + 1][m]) for a in range(len(all_maps) - 1) for m in methods}
+    for i, stem in enumerate(stems):
+        base = inputs[i : i + 1].float() / 255
+        strip = []
+        for method in methods:
+            tiles = [inputs[i]] + [overlay(base, maps[method][i : i + 1])[0] for maps in all_maps]
+            strip.append(_enlarge(torch.stack(tiles)))
+            for a in range(len(all_maps) - 1):
+                rows.append(
+                    {
+                        "image": stem,
+                        "path": str(files[i]),
+                        "method": method,
+                        "from": names[a],
+                        "to": names[a + 1],
+                        "pearson": _float(corr[(a, method)][i]),
+                        "from_path": str(args.checkpoints[a]),
+                        "to_path": str(args.checkpoints[a + 1]),
+                    }
+                )
+        picture = labelled_grid(strip, ["input", *names], [label(m) for m in methods])
+        png.write({stem: picture}, {}, 0)
+    write_csv(out.file("stability.csv"), rows)
+    out.close()
+
+    print(f"compared {len(names)} checkpoints on {len(files)} image(s), layer {layer}; wrote {out.path}")
+    pairs = [f"{names[a]}->{names[a + 1]}" for a in range(len(names) - 1)]
+    table = [[m, *(_fmt(float(corr[(a, m)].nanmean())) for a in range(len(pairs)))] for m in methods]
+    _print_table(["method", *(f"pearson {p}" for p in pairs)], table)
+    _report_skipped(skipped)
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """``tsm-lightning layers``."""
+    import torch
+
+    from tsm_lightning.capture import choose_layer
+
+    device = _check_device(args.device)
+    loaded = load_model(args, args.checkpoint, required=False)
+    images = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
+    try:
+        infos = loaded.candidate_layers(images)
+    except (TypeError, RuntimeError) as err:
+        raise CLIError(f"could not run the model on a {args.image_size} px image ({_one_line(err)})") from err
+    try:
+        chosen_info, text = choose_layer(infos)
+        chosen: str | None = chosen_info.name
+        _progress(f"auto choice: {text}")
+    except ValueError as err:
+        chosen = None
+        _progress(f"note: {_one_line(err)}")
+    seen: dict[tuple[str, Any], Any] = {}
+    for info in infos:
+        if args.all or info.is_map:
+            seen[(info.name, info.shape)] = info
+    if not seen:
+        raise CLIError(f"no layer outputs a spatial map at {args.image_size} px; try a larger --image-size")
+    print(f"{loaded.source}: layers with a (B, C, h, w) output at {args.image_size} px (* = auto choice)")
+    rows = [["*" if name == chosen else "", name, "x".join(map(str, shape)) if shape else "-"] for name, shape in seen]
+    _print_table(["", "layer", "output shape"], rows)
+    return 0

@@ -1,0 +1,29 @@
+"""Names and numbers shared across the package, with no imports: the bottom layer.
+
+``data`` (normalisation), ``render`` (display), ``core`` (the methods) and the command line's parser all read from
+here, so that none of them has to import another for a constant, and the parser answers without importing torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "METHODS", "METHOD_LABELS", "WEIGHTINGS"]
+
+METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
+"""Every saliency method this package computes, in display order."""
+
+WEIGHTINGS: tuple[str, ...] = ("singular", "variance", "uniform")
+"""Weightings of the multivector methods: ``w_k = s_k``, ``w_k = s_k ** 2`` or ``w_k = 1``."""
+
+METHOD_LABELS: dict[str, str] = {
+    "eigencam": "EigenCAM",
+    "tsm": "TSM",
+    "multivec_eigencam": "MV-EigenCAM",
+    "mtsm": "MTSM",
+}
+"""Short display names of the methods, used in picture headers."""
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet normalisation (what torchvision's and lightly's transforms use)."""
+
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of ImageNet normalisation."""

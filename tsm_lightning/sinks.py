@@ -1,0 +1,159 @@
+"""Where pictures and scalars go: TensorBoard, loggers with ``log_image``, PNG and CSV files.
+
+Shared by :class:`~tsm_lightning.callbacks.SaliencyMonitor` (one or two sinks per Lightning logger,
+:func:`sinks_for_loggers`) and ``tsm-lightning`` (an event file, PNG files, CSV tables). A sink takes named pictures
+(``(3, H, W)`` uint8, see :mod:`tsm_lightning.render`) and named scalars at one step; it knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from tsm_lightning.render import save_png
+
+__all__ = [
+    "ImageLoggerSink",
+    "MetricsSink",
+    "PngSink",
+    "Sink",
+    "TensorBoardSink",
+    "custom_scalars_layout",
+    "is_tensorboard",
+    "sinks_for_loggers",
+    "step_file_name",
+    "write_csv",
+]
+
+
+class Sink(Protocol):
+    """Anything that takes pictures and scalars at a step."""
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Record ``pictures`` (``{tag: (3, H, W) uint8}``) and ``scalars`` (``{tag: value}``) at ``step``."""
+
+
+def custom_scalars_layout(tags: Iterable[str], section: str = "saliency") -> dict[str, dict[str, list]]:
+    """A TensorBoard "Custom Scalars" layout: one chart per metric, with a line per method and per reference.
+
+    Tags are ``<section>/<name>/<metric>`` (``saliency/tsm/entropy``, ``saliency/random/entropy``): the curves of
+    one metric are read against their references (random map, chance, fresh initialisation) at a glance.
+    """
+    by_metric: dict[str, list[str]] = {}
+    for tag in tags:
+        by_metric.setdefault(tag.split("/", 2)[-1], []).append(tag)
+    return {section: {metric: ["Multiline", names] for metric, names in sorted(by_metric.items())}}
+
+
+class TensorBoardSink:
+    """``add_image`` / ``add_scalar`` on a ``SummaryWriter`` (a ``TensorBoardLogger``'s ``experiment``).
+
+    With ``layout=True`` the first write that has scalars also adds :func:`custom_scalars_layout`.
+    """
+
+    def __init__(self, writer: Any, *, layout: bool = True) -> None:
+        self.writer = writer
+        self._layout_pending = layout
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Add every picture and scalar at ``step`` and flush."""
+        if self._layout_pending and scalars:
+            self.writer.add_custom_scalars(custom_scalars_layout(scalars))
+            self._layout_pending = False
+        for tag, picture in pictures.items():
+            self.writer.add_image(tag, picture, global_step=step, dataformats="CHW")
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
+
+
+class ImageLoggerSink:
+    """A logger with ``log_image`` (W&B, ...): pictures through it, scalars through ``log_metrics``."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Log every picture as an ``(H, W, 3)`` array, then the scalars."""
+        for tag, picture in pictures.items():
+            self.logger.log_image(key=tag, images=[picture.permute(1, 2, 0).cpu().numpy()], step=step)
+        if scalars:
+            self.logger.log_metrics(dict(scalars), step=step)
+
+
+class MetricsSink:
+    """Scalars through any Lightning logger's ``log_metrics`` (CSV, MLflow, ...); pictures are not its business."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Log the scalars, if any."""
+        if scalars:
+            self.logger.log_metrics(dict(scalars), step=step)
+
+
+def step_file_name(tag: str, step: int) -> str:
+    """``saliency/tsm`` at step 25 -> ``saliency_tsm_step0000025.png``."""
+    return f"{tag.replace('/', '_')}_step{step:07d}.png"
+
+
+class PngSink:
+    """Pictures as PNG files (parent folders created); scalars are not its business.
+
+    Args:
+        root: the folder.
+        path_for: ``path_for(tag, step) -> Path`` of each file; default ``root / step_file_name(tag, step)``.
+    """
+
+    def __init__(self, root: str | Path, path_for: Callable[[str, int], Path] | None = None) -> None:
+        self.root = Path(root)
+        self.path_for = path_for or (lambda tag, step: self.root / step_file_name(tag, step))
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Save every picture."""
+        for tag, picture in pictures.items():
+            save_png(picture, self.path_for(tag, step))
+
+
+def is_tensorboard(logger: Any) -> bool:
+    """Whether ``logger`` is a TensorBoard logger whose ``experiment`` can ``add_image``."""
+    experiment = getattr(logger, "experiment", None) if type(logger).__name__.startswith("TensorBoard") else None
+    return experiment is not None and hasattr(experiment, "add_image")
+
+
+def sinks_for_loggers(loggers: Sequence[Any], default_root: str | Path) -> list[Sink]:
+    """The sinks of a Lightning ``Trainer``'s loggers.
+
+    TensorBoard loggers get :class:`TensorBoardSink`; loggers with ``log_image`` get :class:`ImageLoggerSink`;
+    others get PNG files under their ``log_dir/saliency`` and scalars through ``log_metrics``; no logger at all:
+    PNG files under ``default_root``.
+    """
+    if not loggers:
+        return [PngSink(default_root)]
+    sinks: list[Sink] = []
+    for logger in loggers:
+        if is_tensorboard(logger):
+            sinks.append(TensorBoardSink(logger.experiment))
+        elif hasattr(logger, "log_image"):
+            sinks.append(ImageLoggerSink(logger))
+        else:
+            root = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
+            sinks.extend([PngSink(root / "saliency"), MetricsSink(logger)])
+    return sinks
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` as CSV: the columns in order of first appearance, ``None`` as an empty cell."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
