@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from bench_grids import grid_tables
 from bench_utils import (
     fmt_err,
     fmt_ms,
@@ -333,6 +334,7 @@ def run(quick: bool = False) -> str:
             f"({'met' if ms <= GOAL_MS else '**not met**'}); >= {GOAL_SPEEDUP:,.0f}x faster than the paper's "
             f"path: {speedup:,.0f}x ({'met' if speedup >= GOAL_SPEEDUP else '**not met**'})."
         )
+    parts.append(grid_tables(quick))
     if torch.cuda.is_available():
         parts.append(accelerator_tables(shapes, batches, settings, torch.device("cuda")))
     else:

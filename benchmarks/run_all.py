@@ -1,8 +1,10 @@
 """Run every benchmark and print all tables as markdown: ``python benchmarks/run_all.py [--quick]``.
 
-1. ``bench_maps``: ``saliency_maps`` vs the paper's tensorly Tucker path and pytorch-grad-cam's EigenCAM.
+1. ``bench_maps``: ``saliency_maps`` vs the paper's tensorly Tucker path and pytorch-grad-cam's EigenCAM, and
+   (``bench_grids``) the larger grids against one batched float32 Gram + eigh.
 2. ``bench_forward``: the maps as a share of the probe forward pass; method x architecture latency table.
 3. ``bench_callback``: ``SaliencyMonitor`` overhead on a short CPU training run.
+4. ``bench_monitor_run``: where the time of one monitor run goes (forward, decomposition, metrics, rendering, writing).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Sequence
 import bench_callback
 import bench_forward
 import bench_maps
+import bench_monitor_run
 from bench_utils import base_parser, machine_header, set_threads
 
-SUITES = {"maps": bench_maps, "forward": bench_forward, "callback": bench_callback}
+SUITES = {"maps": bench_maps, "forward": bench_forward, "callback": bench_callback, "monitor_run": bench_monitor_run}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -256,3 +256,14 @@ def test_threaded_eigh_is_bit_identical_to_serial(monkeypatch):
     serial = saliency_maps(feats)
     for name in METHODS:
         assert torch.equal(threaded[name], serial[name])
+
+
+@pytest.mark.parametrize("shape", [(512, 14, 14), (256, 28, 28), (2048, 7, 7)])
+def test_precision_chosen_per_size_keeps_parity_with_float64(shape):
+    # float32 features: float32 Gram, float64 eigh, float32 projections where N > C (the (256, 28, 28) path).
+    # float64 features: float64 everywhere. The normalised maps must agree to 1e-4 at every grid size.
+    g = torch.Generator().manual_seed(sum(shape))
+    feats = torch.relu(torch.randn(2, *shape, generator=g) + 2 * torch.rand(2, shape[0], 1, 1, generator=g))
+    fast, exact = saliency_maps(feats), saliency_maps(feats.double())
+    for name in METHODS:
+        assert (fast[name].double() - exact[name].double()).abs().max() <= 1e-4, name

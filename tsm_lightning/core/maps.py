@@ -94,8 +94,10 @@ def _multivector_map(spectrum: Spectrum, weighting: str) -> Tensor:
         tol = s[:, :1] * (s.shape[1] * torch.finfo(torch.float32).eps)
         weights = (s > tol).to(s.dtype)
     total = weights.sum(dim=1)
-    summed = (weights[:, :, None, None] * spectrum.projections.abs()).sum(dim=1)
-    return summed / torch.where(total > 0, total, torch.ones_like(total))[:, None, None]
+    p = spectrum.projections
+    # One (1 x K) @ (K x N) product per image: no (B, K, N) temporary beyond |P|.
+    summed = torch.bmm(weights.to(p.dtype)[:, None, :], p.abs().flatten(2)).reshape(p.shape[0], *p.shape[2:])
+    return summed / torch.where(total > 0, total, torch.ones_like(total)).to(p.dtype)[:, None, None]
 
 
 def _to_float32(maps: Tensor) -> Tensor:

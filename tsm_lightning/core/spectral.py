@@ -30,7 +30,15 @@ from torch import Tensor
 from tsm_lightning.checks import check_features as validate_features
 from tsm_lightning.checks import check_num_components
 
-__all__ = ["Decomposition", "Spectrum", "autocast_off", "decompose", "gram_dtype_for", "validate_features"]
+__all__ = [
+    "EXACT_GRAM_FROM",
+    "Decomposition",
+    "Spectrum",
+    "autocast_off",
+    "decompose",
+    "gram_dtype_for",
+    "validate_features",
+]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -55,8 +63,10 @@ class Spectrum:
 
     Attributes:
         singular_values: ``(B, K)`` float64, descending, non-negative; ``s_k`` in feature units.
-        projections: ``(B, K, h, w)`` float64 signed projections ``P_k = u_k^T X`` (``= s_k v_k``) in feature
-            units. The sign of each component is arbitrary, as for any SVD.
+        projections: ``(B, K, h, w)`` signed projections ``P_k = u_k^T X`` (``= s_k v_k``) in feature units, float64
+            when ``h * w <= C`` (from the eigenvectors), else in the Gram's dtype (float32 for float32 features on the
+            CPU: a product of float64-exact eigenvectors with the features). The sign of each component is
+            arbitrary, as for any SVD.
     """
 
     singular_values: Tensor
@@ -80,21 +90,40 @@ class Decomposition:
     valid: Tensor
 
 
-def gram_dtype_for(features: Tensor) -> torch.dtype:
-    """Dtype of the Gram matrix for these features.
+EXACT_GRAM_FROM = 128
+"""Gram size ``m = min(C, h * w)`` from which the CPU forms the Gram of float32 features in float64 too.
 
-    float64 features stay float64; on the CPU everything else is computed in float32 (exact enough: the float64
-    ``eigh`` that follows is what matters). On any other device the Gram is taken in float64, so that TF32 matmuls
-    (``torch.set_float32_matmul_precision("high")``, or cuBLAS defaults) can never degrade it: the guard holds by
-    construction, without touching global matmul flags.
-    """
+Measured (``benchmarks/bench_grids.py``, ``tests/core/test_maps.py``): with a float32 Gram the normalised multivector
+maps of noise-like features at ``(256, 28, 28)`` differ from the float64 ones by up to 1e-4 (the limit), with a
+float64 Gram by ~1e-6; the float64 Gram costs ~5% more there (the two float64 ``eigh`` dominate), but ~2x the
+Gram's time at ``(2048, 7, 7)``, where a float32 Gram stays at ~7e-5. Below this size the Gram stays float32.
+"""
+
+
+def _work_dtype(features: Tensor) -> torch.dtype:
+    """Dtype of the unfolding and the projections: float64 for float64 features and off the CPU, else float32."""
     if features.dtype == torch.float64 or features.device.type != "cpu":
         return torch.float64
     return torch.float32
 
 
+def gram_dtype_for(features: Tensor) -> torch.dtype:
+    """Dtype of the Gram matrix for these ``(B, C, h, w)`` features.
+
+    float64 features stay float64. On the CPU float32 (and half-precision) features give a float32 Gram below
+    :data:`EXACT_GRAM_FROM` (exact enough: the float64 ``eigh`` that follows is what matters) and a float64 one from
+    there on, where float32 rounding would take the multivector maps to the edge of 1e-4 parity. On any other device
+    the Gram is taken in float64, so that TF32 matmuls (``torch.set_float32_matmul_precision("high")``, or cuBLAS
+    defaults) can never degrade it: the guard holds by construction, without touching global matmul flags.
+    """
+    if _work_dtype(features) == torch.float64:
+        return torch.float64
+    m = min(features.shape[1], features.shape[2:].numel())
+    return torch.float64 if m >= EXACT_GRAM_FROM else torch.float32
+
+
 def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Unfold to ``(B, C, N)`` in the Gram dtype, zero non-finite images, rescale extreme ones.
+    """Unfold to ``(B, C, N)`` (float32 on the CPU, else float64), zero non-finite images, rescale extreme ones.
 
     Returns:
         ``(x, unit, valid)``: ``x`` is ``(B, C, N)``, ``unit`` is ``(B,)`` float64 with
@@ -102,8 +131,7 @@ def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ``valid`` is ``(B,)`` bool.
     """
     b, c = features.shape[:2]
-    gram_dtype = gram_dtype_for(features)
-    x = features.reshape(b, c, -1).to(gram_dtype)
+    x = features.reshape(b, c, -1).to(_work_dtype(features))
     # Max-abs without allocating |x| (a fresh buffer the size of the features costs more than the Gram here);
     # NaN and Inf propagate, which makes this the finiteness test too.
     amax = torch.maximum(x.amax(dim=(1, 2)), -x.amin(dim=(1, 2)))
@@ -118,8 +146,9 @@ def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         x = torch.where(valid[:, None, None], x, zero)
         amax = torch.where(valid, amax, zero)
-    # Sums of squares of C * N entries must neither overflow nor fall into subnormals.
-    info = torch.finfo(gram_dtype)
+    # Sums of squares of C * N entries must neither overflow nor fall into subnormals (in x's dtype: conservative
+    # when the Gram is taken in float64).
+    info = torch.finfo(x.dtype)
     high = (info.max / max(x.shape[1], x.shape[2])) ** 0.5 / 4
     low = info.tiny**0.5 * 1e4
     extreme = (amax > high) | ((amax > 0) & (amax < low))
@@ -150,19 +179,23 @@ def _batched_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _top_eigh(gram: Tensor, k: int, *, negated: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of a batch of symmetric PSD matrices, descending, in float64.
 
     Args:
-        gram: ``(B, m, m)`` symmetric matrices.
+        gram: ``(B, m, m)`` symmetric matrices ``G``, or ``-G`` with ``negated=True``: ``eigh`` returns ascending
+            eigenvalues, which for ``-G`` is ``G``'s descending order, so no reversed copy of the eigenvectors is made.
         k: number of leading pairs to keep (``1 <= k <= m``).
+        negated: ``gram`` holds ``-G``.
 
     Returns:
         ``(sigma, vectors)``: ``(B, k)`` singular values ``sqrt(max(lambda, 0))`` and ``(B, m, k)`` eigenvectors.
     """
     evals, evecs = _batched_eigh(gram.to(torch.float64))
-    evals = evals.flip(-1)[..., :k]
-    evecs = evecs.flip(-1)[..., :k]
+    if negated:
+        evals, evecs = -evals[..., :k], evecs[..., :k]
+    else:
+        evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     return evals.clamp_min(0).sqrt(), evecs
 
 
@@ -199,51 +232,57 @@ def _decompose(features: Tensor, uncentred: bool, centred: bool, num_components:
     n = h * w
     m = min(c, n)
     k = m if num_components is None else min(num_components, m)
+    views = [view for view, wanted in (("uncentred", uncentred), ("centred", centred)) if wanted]
+    if not views:
+        raise ValueError("decompose needs at least one of uncentred=True or centred=True.")
 
     x, unit, valid = _unfold(features)
     col_sum = x.sum(dim=1)  # (B, N): channel-sum map, 1^T X
-    want = [flag for flag in (uncentred, centred) if flag]
-    if not want:
-        raise ValueError("decompose needs at least one of uncentred=True or centred=True.")
-
+    # The eigenproblems of every view, stacked: (-G; -Gc), negated for _top_eigh, written in place (no concatenation).
+    stack = torch.empty((len(views) * bsz, m, m), dtype=torch.float64, device=x.device)
+    blocks = dict(zip(views, stack.split(bsz), strict=True))
     if n <= c:
         # Spatial Gram G = X^T X (N x N); centred Gram Gc = J G J with J = I - 11^T / N.
-        gram = torch.bmm(x.transpose(1, 2), x).to(torch.float64)
-        grams = []
+        xg = x.to(gram_dtype_for(features))
+        gram = torch.bmm(xg.transpose(1, 2), xg).to(torch.float64)
         if uncentred:
-            grams.append(gram)
+            torch.neg(gram, out=blocks["uncentred"])
         if centred:
             row_mean = gram.mean(dim=2, keepdim=True)
             col_mean = gram.mean(dim=1, keepdim=True)
-            grams.append(gram - row_mean - col_mean + gram.mean(dim=(1, 2), keepdim=True))
-        sigma, vecs = _top_eigh(torch.cat(grams), k)
+            torch.sub(row_mean + col_mean - gram.mean(dim=(1, 2), keepdim=True), gram, out=blocks["centred"])
+        sigma, vecs = _top_eigh(stack, k, negated=True)
         # P_k = u_k^T X = s_k v_k^T: the projections come straight from the right singular vectors.
-        proj = (vecs * sigma[:, None, :]).transpose(1, 2)  # (nB, K, N)
+        projections = (vecs * sigma[:, None, :]).transpose(1, 2).split(bsz)  # (B, K, N) per view
     else:
         # Channel Gram G = X X^T (C x C); centred Gram Gc = G - r r^T / N with r = X 1.
-        gram = torch.bmm(x, x.transpose(1, 2)).to(torch.float64)
-        grams = []
+        xg = x.to(gram_dtype_for(features))
+        gram = torch.bmm(xg, xg.transpose(1, 2)).to(torch.float64)
         if uncentred:
-            grams.append(gram)
+            torch.neg(gram, out=blocks["uncentred"])
         if centred:
-            r = x.sum(dim=2).to(torch.float64)
-            grams.append(gram - r[:, :, None] * r[:, None, :] / n)
-        sigma, vecs = _top_eigh(torch.cat(grams), k)
-        xs = x.to(torch.float64)
-        blocks = []
-        if uncentred:
-            blocks.append(xs)
+            r = xg.sum(dim=2).to(torch.float64)
+            torch.baddbmm(gram, r[:, :, None], r[:, None, :], beta=-1.0, alpha=1.0 / n, out=blocks["centred"])
+        sigma, vecs = _top_eigh(stack, k, negated=True)
+        # P_k = u_k^T X in the unfolding's dtype: one (K x C) @ (C x N) product per view and image. The eigenvectors
+        # are exact to float64; rounding them and the product to float32 costs ~1e-7 relative, far below what the
+        # maps need, and halves the largest tensors of the whole computation.
+        bases = vecs.to(x.dtype).transpose(1, 2).split(bsz)
+        unfoldings = {"uncentred": x}
         if centred:
-            blocks.append(xs - xs.mean(dim=2, keepdim=True))
-        proj = torch.bmm(vecs.transpose(1, 2), torch.cat(blocks))  # (nB, K, N)
+            unfoldings["centred"] = x - x.mean(dim=2, keepdim=True)
+        projections = tuple(torch.bmm(basis, unfoldings[view]) for basis, view in zip(bases, views, strict=True))
 
-    rescale = torch.cat([unit] * len(want))
-    sigma = sigma * rescale[:, None]
-    proj = (proj * rescale[:, None, None]).reshape(-1, k, h, w)
-    spectra = [Spectrum(s, p) for s, p in zip(sigma.split(bsz), proj.split(bsz), strict=True)]
+    rescaled = bool((unit != 1).any())
+    spectra = {}
+    for view, s, p in zip(views, sigma.split(bsz), projections, strict=True):
+        if rescaled:
+            s = s * unit[:, None]
+            p = p * unit.to(p.dtype)[:, None, None]
+        spectra[view] = Spectrum(s, p.reshape(bsz, k, h, w))
     return Decomposition(
-        uncentred=spectra[0] if uncentred else None,
-        centred=spectra[-1] if centred else None,
+        uncentred=spectra.get("uncentred"),
+        centred=spectra.get("centred"),
         channel_sum=(col_sum.to(torch.float64) * unit[:, None]).reshape(bsz, h, w),
         valid=valid,
     )
