@@ -38,13 +38,97 @@ from torch.utils.data import Dataset
 
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["HELDOUT_SEED_OFFSET", "SHAPES", "SyntheticObject", "SyntheticShapes", "sample_seed"]
+__all__ = ["HELDOUT_SEED_OFFSET", "SHAPES", "MaskedImages", "SyntheticObject", "SyntheticShapes", "sample_seed"]
 
 SHAPES: tuple[str, ...] = ("disc", "ellipse", "square", "rectangle", "triangle", "ring")
 """The object kinds :class:`SyntheticShapes` draws, each chosen with equal probability."""
 
 HELDOUT_SEED_OFFSET: int = 1_000_000
 """The held-out set of a training set with seed ``s`` uses seed ``s + HELDOUT_SEED_OFFSET``."""
+
+
+class MaskedImages(Dataset):
+    """What the built-in datasets share: indexing, the ``(x, mask)`` sample, the probe and the held-out set.
+
+    A subclass sets ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in its ``__init__``
+    (taking them in that order), and defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``.
+    """
+
+    num_samples: int
+    image_size: int
+    seed: int
+    transform: Callable[[Image.Image], Any] | None
+    normalize: bool
+
+    def render(self, index: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - every subclass defines it
+        """Draw sample ``index``: ``(image, mask)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
+            f"transform={self.transform!r}, normalize={self.normalize})"
+        )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        """Sample ``index``: ``(x, mask)``, see the class docstring.
+
+        Raises:
+            IndexError: If ``index`` is out of range (negative indices count from the end).
+        """
+        image, mask = self.render(index)
+        if self.transform is not None:
+            return self.transform(_to_pil(image)), mask
+        if self.normalize:
+            image = _normalize(image)
+        return image, mask
+
+    def pil(self, index: int) -> Image.Image:
+        """Sample ``index`` as an ``S x S`` RGB ``PIL.Image`` (what a transform receives).
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        return _to_pil(self.render(index)[0])
+
+    def without_augmentation(self) -> MaskedImages:
+        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
+
+        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
+        to an augmented view (cropped, flipped) does not describe that view.
+        """
+        return type(self)(self.num_samples, self.image_size, self.seed, None, True)  # type: ignore[call-arg]
+
+    def held_out(self, num_samples: int = 256) -> MaskedImages:
+        """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
+
+        It has no transform and the same ``normalize`` setting.
+        """
+        return type(self)(  # type: ignore[call-arg]
+            num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize
+        )
+
+    def _check_probe_range(self, num_images: int, offset: int) -> None:
+        if num_images < 1 or offset < 0 or offset + num_images > self.num_samples:
+            raise ValueError(
+                f"probe range [{offset}, {offset + num_images}) must be non-empty and inside [0, {self.num_samples}) "
+                f"(the dataset has {self.num_samples} samples)."
+            )
+
+    def _check_index(self, index: int) -> int:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an int, got {type(index).__name__}.") from None
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {index} is out of range for {type(self).__name__} of length {self.num_samples}.")
+        return i
+
 
 _MASK64 = (1 << 64) - 1
 _MIN_AREA, _MAX_AREA = 0.035, 0.15  # area of one object, as a fraction of the image
@@ -103,7 +187,7 @@ class SyntheticObject:
     shade_angle: float
 
 
-class SyntheticShapes(Dataset):
+class SyntheticShapes(MaskedImages):
     """Images of one to three objects on textured backgrounds, with the exact union mask of the objects.
 
     Args:
@@ -148,28 +232,6 @@ class SyntheticShapes(Dataset):
         coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
         self._yy, self._xx = torch.meshgrid(coords, coords, indexing="ij")
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
-            f"transform={self.transform!r}, normalize={self.normalize})"
-        )
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
-        """Sample ``index``: ``(x, mask)``, see the class docstring.
-
-        Raises:
-            IndexError: If ``index`` is out of range (negative indices count from the end).
-        """
-        image, mask = self.render(index)
-        if self.transform is not None:
-            return self.transform(_to_pil(image)), mask
-        if self.normalize:
-            image = _normalize(image)
-        return image, mask
-
     # ------------------------------------------------------------------------------------------------ public helpers
 
     def render(self, index: int, background: bool = True) -> tuple[Tensor, Tensor]:
@@ -209,14 +271,6 @@ class SyntheticShapes(Dataset):
         """
         return self._draw(self._check_index(index), background=False)[2]
 
-    def pil(self, index: int) -> Image.Image:
-        """Sample ``index`` as an ``S x S`` RGB ``PIL.Image`` (what a transform receives).
-
-        Raises:
-            IndexError: If ``index`` is out of range.
-        """
-        return _to_pil(self.render(index)[0])
-
     def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
         """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
 
@@ -232,43 +286,13 @@ class SyntheticShapes(Dataset):
         Raises:
             ValueError: If the requested range does not lie inside ``[0, len(self))``.
         """
-        if num_images < 1 or offset < 0 or offset + num_images > self.num_samples:
-            raise ValueError(
-                f"probe range [{offset}, {offset + num_images}) must be non-empty and inside [0, {self.num_samples}) "
-                f"(the dataset has {self.num_samples} samples)."
-            )
+        self._check_probe_range(num_images, offset)
         pairs = [self.render(i) for i in range(offset, offset + num_images)]
         images = torch.stack([p[0] for p in pairs])
         masks = torch.stack([p[1] for p in pairs])
         return (_normalize(images) if normalize else images), masks
 
-    def without_augmentation(self) -> SyntheticShapes:
-        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
-
-        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
-        to an augmented view (cropped, flipped) does not describe that view.
-        """
-        return SyntheticShapes(self.num_samples, self.image_size, self.seed, None, normalize=True)
-
-    def held_out(self, num_samples: int = 256) -> SyntheticShapes:
-        """Return the held-out evaluation set for this dataset: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
-
-        It has no transform and the same ``normalize`` setting.
-        """
-        return SyntheticShapes(num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize)
-
     # ------------------------------------------------------------------------------------------------------ drawing
-
-    def _check_index(self, index: int) -> int:
-        try:
-            i = operator.index(index)
-        except TypeError:
-            raise TypeError(f"index must be an int, got {type(index).__name__}.") from None
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"index {index} is out of range for {type(self).__name__} of length {self.num_samples}.")
-        return i
 
     def _draw(self, index: int, background: bool) -> tuple[Tensor, Tensor, list[SyntheticObject]]:
         """Draw one sample. Random numbers are always consumed in the same order, whatever ``background`` is."""

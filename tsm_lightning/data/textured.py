@@ -48,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +58,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tsm_lightning.data.synthetic import HELDOUT_SEED_OFFSET, _hsv_to_rgb, _normalize, _to_pil, sample_seed
+from tsm_lightning.data.synthetic import (
+    MaskedImages,
+    _hsv_to_rgb,
+    _normalize,
+    _to_pil,
+    sample_seed,
+)
 from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -135,7 +140,7 @@ class TexturedObject:
     noise_sigma: float
 
 
-class TexturedObjects(Dataset):
+class TexturedObjects(MaskedImages):
     """Images of one textured object over clutter of matching contrast, with the object's exact mask.
 
     See the module docstring for what is drawn and why no colour, contrast or position shortcut finds the object.
@@ -181,28 +186,6 @@ class TexturedObjects(Dataset):
         self.transform = transform
         self.normalize = normalize
         self._coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
-            f"transform={self.transform!r}, normalize={self.normalize})"
-        )
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
-        """Sample ``index``: ``(x, mask)``, see the class docstring.
-
-        Raises:
-            IndexError: If ``index`` is out of range (negative indices count from the end).
-        """
-        image, mask = self.render(index)
-        if self.transform is not None:
-            return self.transform(_to_pil(image)), mask
-        if self.normalize:
-            image = _normalize(image)
-        return image, mask
 
     # ------------------------------------------------------------------------------------------------ public helpers
 
@@ -274,14 +257,6 @@ class TexturedObjects(Dataset):
             noise_sigma=_flerp(r[_SHAPE_PARAMS], _NOISE_SIGMA),
         )
 
-    def pil(self, index: int) -> Image.Image:
-        """Sample ``index`` as an ``S x S`` RGB ``PIL.Image`` (what a transform receives).
-
-        Raises:
-            IndexError: If ``index`` is out of range.
-        """
-        return _to_pil(self.render(index)[0])
-
     def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
         """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
 
@@ -298,11 +273,7 @@ class TexturedObjects(Dataset):
         Raises:
             ValueError: If the requested range does not lie inside ``[0, len(self))``.
         """
-        if num_images < 1 or offset < 0 or offset + num_images > self.num_samples:
-            raise ValueError(
-                f"probe range [{offset}, {offset + num_images}) must be non-empty and inside [0, {self.num_samples}) "
-                f"(the dataset has {self.num_samples} samples)."
-            )
+        self._check_probe_range(num_images, offset)
         chunks = []
         for start in range(offset, offset + num_images, _CHUNK):  # bounded memory, same result as one batch
             indices = list(range(start, min(start + _CHUNK, offset + num_images)))
@@ -311,32 +282,7 @@ class TexturedObjects(Dataset):
         masks = torch.cat([c[1] for c in chunks])
         return (_normalize(images) if normalize else images), masks
 
-    def without_augmentation(self) -> TexturedObjects:
-        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
-
-        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random.
-        """
-        return TexturedObjects(self.num_samples, self.image_size, self.seed, None, normalize=True)
-
-    def held_out(self, num_samples: int = 256) -> TexturedObjects:
-        """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
-
-        It has no transform and the same ``normalize`` setting.
-        """
-        return TexturedObjects(num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize)
-
     # ------------------------------------------------------------------------------------------------------ drawing
-
-    def _check_index(self, index: int) -> int:
-        try:
-            i = operator.index(index)
-        except TypeError:
-            raise TypeError(f"index must be an int, got {type(index).__name__}.") from None
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"index {index} is out of range for {type(self).__name__} of length {self.num_samples}.")
-        return i
 
     def _canonical_clutter_seed(self, index: int) -> int:
         return sample_seed(sample_seed(self.seed, index), _CLUTTER_STREAM)
