@@ -1,4 +1,4 @@
-"""tsm-lightning: watch what a self-supervised CNN looks at while it trains.
+"""tsm-lightning: watch what a self-supervised CNN (or vision transformer) looks at while it trains.
 
 Label-free saliency maps -- EigenCAM, Tucker Saliency Maps (TSM), Multivec-EigenCAM and Multivector TSM (MTSM),
 from Bouayed et al., "CNN Explainability with Multivector Tucker Saliency Maps for Self-Supervised Models"
@@ -32,6 +32,9 @@ _LAZY: dict[str, str] = {
     "tucker_saliency": "tsm_lightning.core",
     "upsample_maps": "tsm_lightning.core",
     "explain": "tsm_lightning.explain",
+    "attention_maps": "tsm_lightning.explain",
+    "TokenGrid": "tsm_lightning.tokens",
+    "tokens_to_grid": "tsm_lightning.tokens",
 }
 
 if TYPE_CHECKING:  # what static tools see; at run time the names come from __getattr__
@@ -48,7 +51,8 @@ if TYPE_CHECKING:  # what static tools see; at run time the names come from __ge
         tucker_saliency,
         upsample_maps,
     )
-    from tsm_lightning.explain import explain
+    from tsm_lightning.explain import attention_maps, explain
+    from tsm_lightning.tokens import TokenGrid, tokens_to_grid
 
 
 def __getattr__(name: str) -> object:
@@ -84,7 +88,9 @@ sys.modules[__name__].__class__ = _Package
 __all__ = [
     "METHODS",
     "SaliencyMonitor",
+    "TokenGrid",
     "__version__",
+    "attention_maps",
     "capture",
     "eigencam",
     "explain",
@@ -93,6 +99,7 @@ __all__ = [
     "multivec_eigencam",
     "normalize_maps",
     "saliency_maps",
+    "tokens_to_grid",
     "tsm",
     "tucker_saliency",
     "upsample_maps",

@@ -2,8 +2,11 @@
 
 :func:`capture` registers a forward hook on one named sub-module, puts the model in eval mode under
 ``torch.no_grad()``, and in ``finally`` removes the hook and restores **each** sub-module's own
-``training`` flag (a model with a frozen, eval-mode backbone stays that way). :func:`find_layer` picks a
-layer automatically (:func:`choose_layer`): the deepest module whose output is a ``(B, C, h, w)`` map of at least
+``training`` flag (a model with a frozen, eval-mode backbone stays that way). A transformer block's ``(B, T, D)``
+tokens are turned into a ``(B, D, h, w)`` map on the way (:mod:`tsm_lightning.tokens`: the grid read from the
+model's patch embedding in the same forward pass), and on request the class token's attention of one attention
+module is read in the same pass. :func:`find_layer` picks a layer automatically (:func:`choose_layer`): for a
+vision transformer the last block, else the deepest module whose output is a ``(B, C, h, w)`` map of at least
 :data:`MIN_GRID` x :data:`MIN_GRID`, else of at least :data:`FALLBACK_GRID` x :data:`FALLBACK_GRID`, else any map
 larger than 1x1, always saying which grid it got and, when it is small, how to get a larger one.
 """
@@ -22,6 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from tsm_lightning.checks import check_feature_map
+from tsm_lightning.tokens import (
+    TokenGridSpec,
+    TokenLayout,
+    attention_rows,
+    find_patch_embedding,
+    patch_grid_hook,
+    repeated_blocks,
+    resolve_grid,
+    to_feature_map,
+)
 
 __all__ = [
     "FALLBACK_GRID",
@@ -54,6 +67,7 @@ LARGER_GRID_HINT = (
     "For a larger grid feed larger images (a ResNet's layer4 is 7x7 at 224 px) or give the network a CIFAR-style "
     "stem (3x3 stride-1 first convolution, no max-pool), or pass layer= to choose an earlier layer."
 )
+VIT_GRID_HINT = "For a larger grid feed larger images or use a smaller patch size (grid = image size / patch size)."
 
 
 def _default_forward(model: nn.Module, images: Tensor) -> object:
@@ -153,26 +167,44 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class Capture:
-    """Holder for the captured output, filled by the hook during the forward pass.
+    """Holder for the captured output, filled by the hooks during the forward pass.
 
     Attributes:
         name: the layer's name.
-        output: the layer's first output during the forward pass (detached when it is a feature map), or ``None``
-            before it runs.
+        output: the layer's first output during the forward pass (detached when it is a feature map; ``(B, T, D)``
+            tokens already turned into a ``(B, D, h, w)`` map), or ``None`` before it runs.
         calls: how many times the layer ran inside the context.
-        feature_map: whether the output must be a ``(B, C, h, w)`` map (checked when the hook runs, so that a wrong
-            layer fails at once with a clear message); ``False`` keeps any output.
+        feature_map: whether the output must be a ``(B, C, h, w)`` map or transformer tokens (checked when the hook
+            runs, so that a wrong layer fails at once with a clear message); ``False`` keeps any output.
+        token_grid: how tokens become a map (:data:`~tsm_lightning.tokens.TokenGridSpec`).
+        layout: where the patches were among the tokens (``None`` for a convolutional map or a user callable).
+        attention: ``(B, heads, T)`` class-token attention of the attention module asked for, or ``None``.
     """
 
     name: str
     output: object = None
     calls: int = 0
     feature_map: bool = True
+    token_grid: TokenGridSpec = None
+    layout: TokenLayout | None = None
+    attention: Tensor | None = None
+    _patch_grid: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         self.calls += 1
-        if self.calls == 1:
-            self.output = check_feature_map(output, self.name).detach() if self.feature_map else output
+        if self.calls > 1:
+            return
+        if not self.feature_map:
+            self.output = output
+            return
+        if isinstance(output, Tensor) and output.ndim == 3 and output.is_floating_point():
+            patch_grid = self._patch_grid[0] if self._patch_grid else None
+            output, self.layout = to_feature_map(output.detach(), self.token_grid, patch_grid, self.name)
+        self.output = check_feature_map(output, self.name).detach()
+
+    def _attention_hook(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        if self.attention is None:
+            self.attention = attention_rows(module, args, kwargs).detach()
 
     @property
     def value(self) -> object:
@@ -201,11 +233,18 @@ class Capture:
 
 
 @contextmanager
-def capture(model: nn.Module, layer: str, *, feature_map: bool = True) -> Iterator[Capture]:
+def capture(
+    model: nn.Module,
+    layer: str,
+    *,
+    feature_map: bool = True,
+    token_grid: TokenGridSpec = None,
+    attention: str | None = None,
+) -> Iterator[Capture]:
     """Capture the output of ``model``'s sub-module ``layer`` during forward passes inside the block.
 
-    Inside the block the model is in eval mode and autograd is off; on exit (also after an exception) the hook
-    is removed and each sub-module's ``training`` flag is restored. Parameters and gradients are not touched.
+    Inside the block the model is in eval mode and autograd is off; on exit (also after an exception) the hooks
+    are removed and each sub-module's ``training`` flag is restored. Parameters and gradients are not touched.
     If the layer runs several times, the first output is kept (``Capture.calls`` counts the runs).
 
     Example:
@@ -218,20 +257,32 @@ def capture(model: nn.Module, layer: str, *, feature_map: bool = True) -> Iterat
 
     Args:
         model: the network.
-        layer: dotted name of the sub-module, e.g. ``"layer4"``, ``"backbone.7"``.
-        feature_map: require a ``(B, C, h, w)`` feature map (``False``: keep any output, e.g. an embedding).
+        layer: dotted name of the sub-module, e.g. ``"layer4"``, ``"backbone.7"``,
+            ``"encoder.layers.encoder_layer_11"``.
+        feature_map: require a ``(B, C, h, w)`` feature map or ``(B, T, D)`` tokens, which become one
+            (``False``: keep any output, e.g. an embedding).
+        token_grid: how tokens become a map (:mod:`tsm_lightning.tokens`; default: the model's patch grid).
+        attention: dotted name of an attention module whose class-token attention to read in the same pass
+            (:func:`tsm_lightning.tokens.find_attention`), or ``None``.
 
     Yields:
         A :class:`Capture` whose ``features`` hold the layer output after the forward pass.
     """
     module = get_layer(model, layer)
-    holder = Capture(layer, feature_map=feature_map)
-    handle = module.register_forward_hook(holder._hook)
+    holder = Capture(layer, feature_map=feature_map, token_grid=token_grid)
+    handles = [module.register_forward_hook(holder._hook)]
     try:
+        patch = find_patch_embedding(model)
+        if patch is not None and feature_map:
+            handles.append(patch.register_forward_hook(patch_grid_hook(holder._patch_grid)))
+        if attention is not None:
+            target = get_layer(model, attention)
+            handles.append(target.register_forward_pre_hook(holder._attention_hook, with_kwargs=True))
         with preserved_modes(model), torch.no_grad():
             yield holder
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -242,14 +293,24 @@ class LayerInfo:
         name: dotted module name.
         shape: output shape, or ``None`` if the output was not a tensor.
         is_map: whether the output is a usable ``(B, C, h, w)`` map with ``h * w > 1``.
+        grid: ``(h, w)`` of the map, or of the patch grid of ``(B, T, D)`` tokens (by the default grid rule of
+            :mod:`tsm_lightning.tokens`); ``None`` if the output is neither.
+        tokens: whether the output is a ``(B, T, D)`` token sequence with a grid larger than 1x1.
+        block: whether the module is a member of a repeated-block container
+            (:func:`tsm_lightning.tokens.repeated_blocks`).
     """
 
     name: str
     shape: tuple[int, ...] | None
     is_map: bool = field(default=False)
+    grid: tuple[int, int] | None = None
+    tokens: bool = False
+    block: bool = False
 
 
-def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> list[LayerInfo]:
+def layer_shapes(
+    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
+) -> list[LayerInfo]:
     """Run one forward pass and list every named sub-module's output shape, in the order modules finished.
 
     The model is left exactly as it was (modes restored, hooks removed).
@@ -258,6 +319,8 @@ def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None 
         model: the network.
         images: ``(B, 3, H, W)`` input batch.
         forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
+        token_grid: a :class:`~tsm_lightning.tokens.TokenGrid` for the grids of token outputs (a callable is not
+            run here: token outputs then get the default rule).
 
     Returns:
         One :class:`LayerInfo` per module call, in completion order (the root module is excluded).
@@ -265,19 +328,44 @@ def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None 
     forward = forward_fn or _default_forward
     seen: list[LayerInfo] = []
     handles = []
+    blocks = {_strip_compile_prefix(name) for name in repeated_blocks(model)}
+    patch_grid: list[tuple[int, int]] = []
+    grid_rule = token_grid if token_grid is not None and not callable(token_grid) else None
+
+    def token_grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
+        try:
+            layout = resolve_grid(
+                shape[1],
+                grid=grid_rule.grid if grid_rule else None,
+                prefix_tokens=grid_rule.prefix_tokens if grid_rule else None,
+                patch_grid=patch_grid[0] if patch_grid else None,
+            )
+        except ValueError:
+            return None
+        return layout.h, layout.w
 
     def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if isinstance(output, Tensor):
-                shape = tuple(output.shape)
-                is_map = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1 and output.is_floating_point()
-                seen.append(LayerInfo(name, shape, is_map))
-            else:
+            if not isinstance(output, Tensor):
                 seen.append(LayerInfo(name, None, False))
+                return
+            shape = tuple(output.shape)
+            floating = output.is_floating_point()
+            grid = None
+            if output.ndim == 4 and floating:
+                grid = (shape[-2], shape[-1])
+            elif output.ndim == 3 and floating:
+                grid = token_grid_of(shape)
+            large = grid is not None and grid[0] * grid[1] > 1
+            tokens = output.ndim == 3 and large
+            seen.append(LayerInfo(name, shape, output.ndim == 4 and large, grid, tokens, name in blocks))
 
         return hook
 
     try:
+        patch = find_patch_embedding(model)
+        if patch is not None:
+            handles.append(patch.register_forward_hook(patch_grid_hook(patch_grid)))
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(make_hook(_strip_compile_prefix(name))))
@@ -292,35 +380,61 @@ def layer_shapes(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None 
 def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
     """The automatic choice among the layers :func:`layer_shapes` saw, and a sentence describing it.
 
-    The deepest (last to finish) map with both sides at least :data:`MIN_GRID`; failing that, at least
+    For a vision transformer (some output is a token sequence on a grid) the last transformer block to finish (a
+    member of a repeated-block container), else the last token output: never the patch embedding. Otherwise the
+    deepest (last to finish) map with both sides at least :data:`MIN_GRID`; failing that, at least
     :data:`FALLBACK_GRID`; failing that, the deepest map larger than 1x1. The sentence names the layer and its grid,
     and for a grid below :data:`MIN_GRID` says how to get a larger one.
 
     Raises:
-        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1.
+        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1 or tokens on such a grid.
     """
-    maps = [info for info in infos if info.is_map and info.shape is not None]
+    tokens = [info for info in infos if info.tokens and info.grid is not None]
+    if tokens:
+        blocks = [info for info in tokens if info.block]
+        chosen = (blocks or tokens)[-1]
+        h, w = chosen.grid  # type: ignore[misc]
+        what = "the last transformer block" if blocks else "the last token output"
+        text = f"{chosen.name!r} ({what}), tokens {chosen.shape} as a {h}x{w} grid"
+        return chosen, text + _small_grid_advice(h, w, VIT_GRID_HINT)
+    maps = [info for info in infos if info.is_map and info.grid is not None]
     if not maps:
         tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
         detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
-        raise ValueError(f"No layer outputs a (B, C, h, w) map larger than 1x1.{detail} {LARGER_GRID_HINT}")
+        raise ValueError(
+            f"No layer outputs a (B, C, h, w) map larger than 1x1 or transformer tokens on a grid.{detail} "
+            f"{LARGER_GRID_HINT}"
+        )
     for minimum in (MIN_GRID, FALLBACK_GRID, 1):
-        large = [info for info in maps if min(info.shape[-2:]) >= minimum]  # type: ignore[index]
+        large = [info for info in maps if min(info.grid) >= minimum]  # type: ignore[arg-type]
         if large:
             chosen = large[-1]
             break
-    h, w = chosen.shape[-2:]  # type: ignore[index]
+    h, w = chosen.grid  # type: ignore[misc]
     text = f"{chosen.name!r}, a {h}x{w} grid (output shape {chosen.shape})"
-    if min(h, w) < MIN_GRID:
-        text += (
-            f". No layer gives a grid of at least {MIN_GRID}x{MIN_GRID} at this input size, and a {h}x{w} map can "
-            f"only show coarse blobs. {LARGER_GRID_HINT}"
-        )
-    return chosen, text
+    return chosen, text + _small_grid_advice(h, w, LARGER_GRID_HINT)
 
 
-def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, warn: bool = True) -> str:
-    """Pick a layer automatically: the deepest spatial map large enough to show something (:func:`discover_layer`).
+def _small_grid_advice(h: int, w: int, hint: str) -> str:
+    if min(h, w) >= MIN_GRID:
+        return ""
+    return (
+        f". No layer gives a grid of at least {MIN_GRID}x{MIN_GRID} at this input size, and a {h}x{w} map can "
+        f"only show coarse blobs. {hint.rstrip('.')}"
+    )
+
+
+def find_layer(
+    model: nn.Module,
+    images: Tensor,
+    forward_fn: ForwardFn | None = None,
+    *,
+    warn: bool = True,
+    token_grid: TokenGridSpec = None,
+) -> str:
+    """Pick a layer automatically: a ViT's last block, else the deepest spatial map large enough to show something.
+
+    :func:`discover_layer` with a warning.
 
     Args:
         model: the network.
@@ -328,15 +442,16 @@ def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = 
         forward_fn: ``forward_fn(model, images)``; default: search ``model.backbone`` when there is one, running
             only it, else ``model`` (:func:`candidate_layers`).
         warn: emit a ``UserWarning`` naming the chosen layer and its grid size.
+        token_grid: the grid rule for token outputs (:mod:`tsm_lightning.tokens`).
 
     Returns:
         The dotted module name.
 
     Raises:
-        ValueError: if no module produces a spatial map at this input size.
+        ValueError: if no module produces a spatial map (or tokens on a grid) at this input size.
     """
     try:
-        name, text = discover_layer(model, images, forward_fn)
+        name, text = discover_layer(model, images, forward_fn, token_grid=token_grid)
     except ValueError as err:
         raise ValueError(f"{type(model).__name__}, inputs of shape {tuple(images.shape)}: {err}") from None
     if warn:
@@ -344,7 +459,9 @@ def find_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = 
     return name
 
 
-def candidate_layers(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> list[LayerInfo]:
+def candidate_layers(
+    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
+) -> list[LayerInfo]:
     """The module outputs one forward shows, named relative to ``model``, where the automatic choice looks.
 
     With the forward rule (no ``forward_fn``): inside ``model.backbone`` when there is one (:func:`search_root`),
@@ -353,18 +470,21 @@ def candidate_layers(model: nn.Module, images: Tensor, forward_fn: ForwardFn | N
     if forward_fn is None:
         prefix, root = search_root(model)
         if root is not model:
-            return [dataclasses.replace(info, name=prefix + info.name) for info in layer_shapes(root, images)]
-    return layer_shapes(model, images, forward_fn)
+            infos = layer_shapes(root, images, token_grid=token_grid)
+            return [dataclasses.replace(info, name=prefix + info.name) for info in infos]
+    return layer_shapes(model, images, forward_fn, token_grid=token_grid)
 
 
-def discover_layer(model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None) -> tuple[str, str]:
+def discover_layer(
+    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
+) -> tuple[str, str]:
     """The automatic layer among :func:`candidate_layers`: ``(name, a sentence naming it with its grid)``.
 
     The one layer search of the package (:func:`find_layer`, ``SaliencyMonitor`` and ``tsm-lightning`` use it); the
     choice is :func:`choose_layer`'s, the warning the caller's.
 
     Raises:
-        ValueError: if no module produces a spatial map at this input size.
+        ValueError: if no module produces a spatial map (or tokens on a grid) at this input size.
     """
-    chosen, text = choose_layer(candidate_layers(model, images, forward_fn))
+    chosen, text = choose_layer(candidate_layers(model, images, forward_fn, token_grid=token_grid))
     return chosen.name, text

@@ -82,7 +82,7 @@ def check_features(features: object) -> Tensor:
         if features.ndim == 3:
             hint = (
                 " A 3-D tensor may be a single image's map (add a batch dimension with features[None]) or ViT "
-                "tokens (B, N, C), which are not supported: reshape them to (B, C, h, w) first."
+                "tokens (B, T, D): turn those into a map with tsm_lightning.tokens_to_grid(tokens) first."
             )
         raise ValueError(f"features must have shape (B, C, h, w), got {tuple(features.shape)}.{hint}")
     if min(features.shape) < 1:
@@ -98,7 +98,8 @@ def check_feature_map(output: object, name: str) -> Tensor:
         name: the layer's name, for the message.
 
     Raises:
-        ValueError: for tuples, token sequences ``(B, N, C)``, other ranks, maps of spatial size 1x1, integer maps.
+        ValueError: for tuples, other ranks, maps of spatial size 1x1, integer maps (token sequences are turned into
+            maps before this check, by :func:`tsm_lightning.tokens.to_feature_map`).
     """
     if not isinstance(output, Tensor):
         raise ValueError(
@@ -106,12 +107,9 @@ def check_feature_map(output: object, name: str) -> Tensor:
             "(B, C, h, w) feature map."
         )
     if output.ndim != 4:
-        extra = ""
-        if output.ndim == 3:
-            extra = " Token outputs (B, N, C) of vision transformers are not supported yet."
         raise ValueError(
-            f"Layer {name!r} returned shape {tuple(output.shape)}; saliency needs a 4-D (B, C, h, w) feature map."
-            f"{extra} Choose a convolutional layer."
+            f"Layer {name!r} returned shape {tuple(output.shape)}; saliency needs a 4-D (B, C, h, w) feature map or "
+            "3-D (B, T, D) transformer tokens. Choose a convolutional layer or a transformer block."
         )
     if output.shape[-2] * output.shape[-1] <= 1:
         raise ValueError(

@@ -6,7 +6,7 @@ here, so that none of them has to import another for a constant, and the parser 
 
 from __future__ import annotations
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "METHODS", "METHOD_LABELS", "WEIGHTINGS"]
+__all__ = ["ATTENTION", "IMAGENET_MEAN", "IMAGENET_STD", "METHODS", "METHOD_LABELS", "WEIGHTINGS"]
 
 METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
 """Every saliency method this package computes, in display order."""
@@ -14,13 +14,18 @@ METHODS: tuple[str, ...] = ("eigencam", "tsm", "multivec_eigencam", "mtsm")
 WEIGHTINGS: tuple[str, ...] = ("singular", "variance", "uniform")
 """Weightings of the multivector methods: ``w_k = s_k``, ``w_k = s_k ** 2`` or ``w_k = 1``."""
 
+ATTENTION = "attention"
+"""Name of the reference map of vision transformers beside the methods: the last block's class-token attention,
+averaged over heads (tags ``saliency/attention``, ``saliency/attention/<metric>``)."""
+
 METHOD_LABELS: dict[str, str] = {
     "eigencam": "EigenCAM",
     "tsm": "TSM",
     "multivec_eigencam": "MV-EigenCAM",
     "mtsm": "MTSM",
+    ATTENTION: "CLS attention",
 }
-"""Short display names of the methods, used in picture headers."""
+"""Short display names of the methods (and of the attention map), used in picture headers."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 """Per-channel mean of ImageNet normalisation (what torchvision's and lightly's transforms use)."""

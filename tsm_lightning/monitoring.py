@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tsm_lightning.core import Decomposition, upsample_maps
+from tsm_lightning.core import Decomposition, normalize_maps, upsample_maps
 from tsm_lightning.metrics import (
     effective_rank,
     embedding_spread,
@@ -31,6 +31,7 @@ from tsm_lightning.render import comparison_grid, denormalize, method_strip, ove
 from tsm_lightning.rng import preserved_rng
 
 __all__ = [
+    "attention_head_pictures",
     "collapse_scalars",
     "display_tiles",
     "fresh_copy",
@@ -80,6 +81,27 @@ def pictures(
     out = {f"saliency/{name}": method_strip(tiles, row, name) for name, row in overlays.items()}
     out["saliency/all"] = comparison_grid(tiles, overlays)
     return out
+
+
+def attention_head_pictures(
+    attention: Tensor, inputs: Tensor, tiles: Tensor, *, colormap: str = "jet", alpha: float = 0.5
+) -> dict[str, Tensor]:
+    """``saliency/attention_heads``: one row per shown image, the input then one overlay per attention head.
+
+    Args:
+        attention: ``(B, heads, h, w)`` class-token attention (each head normalised here).
+        inputs: ``(n, 3, H, W)`` shown images in ``[0, 1]`` (:func:`display_tiles`).
+        tiles: the same as uint8.
+        colormap: see :data:`~tsm_lightning.render.COLORMAPS`.
+        alpha: overlay opacity.
+    """
+    count, size = inputs.shape[0], (inputs.shape[-2], inputs.shape[-1])
+    heads = attention[:count]
+    overlays = {
+        f"head {index}": overlay(inputs, upsample_maps(normalize_maps(heads[:, index]), size), colormap, alpha)
+        for index in range(heads.shape[1])
+    }
+    return {"saliency/attention_heads": comparison_grid(tiles, overlays)}
 
 
 def per_image_metrics(

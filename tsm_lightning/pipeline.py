@@ -7,23 +7,27 @@ one layer search picks the layer when none is given (:func:`~tsm_lightning.captu
 decomposition per batch gives the maps and the spectral metrics alike.
 
 * :func:`capture_features`: the forward, under ``torch.no_grad()``, outside autocast, in eval mode with every
-  sub-module's mode restored, the hook removed in ``finally`` and the global RNG streams left as they were;
+  sub-module's mode restored, the hook removed in ``finally`` and the global RNG streams left as they were; a
+  transformer block's tokens become a ``(B, D, h, w)`` map there (:mod:`tsm_lightning.tokens`), and the last
+  block's class-token attention is read in the same pass when asked for (:func:`attention_module`);
 * :func:`maps_of`: one :class:`~tsm_lightning.core.Decomposition` and the normalised maps read from it;
-* :func:`explain_batch`: both, as an :class:`Explanation`.
+  :func:`with_attention` adds the attention map beside them;
+* :func:`explain_batch`: all of it, as an :class:`Explanation`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from tsm_lightning.capture import ForwardFn, capture, forward_target, full_tensor
 from tsm_lightning.checks import check_feature_map, check_images, check_num_components
-from tsm_lightning.constants import METHODS
+from tsm_lightning.constants import ATTENTION, METHODS
 from tsm_lightning.core import (
     Decomposition,
     compute_maps,
@@ -35,13 +39,72 @@ from tsm_lightning.core import (
 )
 from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.rng import preserved_rng
+from tsm_lightning.tokens import TokenGridSpec, find_attention, patch_attention
 
-__all__ = ["Explanation", "capture_features", "explain_batch", "forward_rule", "maps_of"]
+__all__ = [
+    "Captured",
+    "Explanation",
+    "attention_module",
+    "capture_features",
+    "explain_batch",
+    "forward_rule",
+    "maps_of",
+    "with_attention",
+]
 
 
 def forward_rule(layer: str) -> ForwardFn:
     """The default ``forward_fn(model, images)``: call :func:`~tsm_lightning.capture.forward_target` on the images."""
     return lambda model, images: forward_target(model, layer)(images)
+
+
+class Captured(NamedTuple):
+    """What one probe forward gives.
+
+    Attributes:
+        features: ``(B, C, h, w)`` float32 features of the layer (a transformer's tokens as a map).
+        output: the forward's return value, detached (and gathered) when it is a tensor.
+        attention: ``(B, heads, h, w)`` float32 class-token attention over the patches, or ``None``.
+    """
+
+    features: Tensor
+    output: object
+    attention: Tensor | None = None
+
+
+def attention_module(
+    model: nn.Module, layer: str, attention: bool | None = None, forward_fn: ForwardFn | None = None
+) -> str | None:
+    """The attention module whose class-token attention goes beside the maps of ``layer``, named relative to ``model``.
+
+    The last supported attention module (:func:`~tsm_lightning.tokens.find_attention`) of what the forward runs
+    (:func:`~tsm_lightning.capture.forward_target`, or ``model`` with a ``forward_fn``).
+
+    Args:
+        model: the network.
+        layer: the monitored layer.
+        attention: ``False``: none; ``None``: the module if there is one; ``True``: the module, or an error.
+        forward_fn: the caller's ``forward_fn``, if any (the whole ``model`` is then searched).
+
+    Returns:
+        The dotted name, or ``None``.
+
+    Raises:
+        ValueError: with ``attention=True`` when the model has no attention module this package can read.
+    """
+    if attention is False:
+        return None
+    root = model if forward_fn is not None else forward_target(model, layer)
+    prefix = "" if root is model else layer.split(".", 1)[0] + "."
+    name = find_attention(root)
+    if name is None:
+        if attention:
+            raise ValueError(
+                f"attention=True, but {type(root).__name__} has no self-attention module this package can read "
+                "(torch.nn.MultiheadAttention, or a timm-style module with a qkv nn.Linear and num_heads)."
+            )
+        return None
+    return prefix + name
 
 
 def capture_features(
@@ -52,7 +115,10 @@ def capture_features(
     forward_fn: ForwardFn | None = None,
     gathered: contextlib.AbstractContextManager[object] | None = None,
     finite: bool = False,
-) -> tuple[Tensor, object]:
+    token_grid: TokenGridSpec = None,
+    attention: str | None = None,
+    attention_required: bool = False,
+) -> Captured:
     """Run the forward on ``images`` with ``layer`` captured.
 
     Args:
@@ -63,17 +129,21 @@ def capture_features(
         gathered: a context entered around the forward (sharded training gathers the parameters there).
         finite: raise a ``FloatingPointError`` if the features hold NaN or Inf (otherwise those images get zero
             maps and a warning from the decomposition).
+        token_grid: how a transformer block's tokens become a map (:mod:`tsm_lightning.tokens`).
+        attention: name of an attention module (:func:`attention_module`) whose class-token attention to read.
+        attention_required: raise when that attention cannot be placed on the layer's grid (the layer is not a
+            transformer block, or its tokens have no class token); otherwise it is ``None`` then.
 
     Returns:
-        ``(features, output)``: the layer's ``(B, C, h, w)`` output as float32 (a ``DTensor`` gathered whole first),
-        and the forward's return value, detached (and gathered) when it is a tensor.
+        A :class:`Captured`: the layer's output as float32 ``(B, C, h, w)`` features (a ``DTensor`` gathered whole
+        first), the forward's output, and the attention.
     """
     forward = forward_fn or forward_rule(layer)
     with (
         preserved_rng(),
         autocast_off(images.device),
         gathered or contextlib.nullcontext(),
-        capture(model, layer) as cap,
+        capture(model, layer, token_grid=token_grid, attention=attention) as cap,
     ):
         output = forward(model, images)
     features = check_feature_map(full_tensor(cap.features), layer).float()
@@ -81,7 +151,35 @@ def capture_features(
         raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
     if isinstance(output, Tensor):
         output = full_tensor(output.detach())
-    return features, output
+    return Captured(features, output, _attention_on_grid(cap.attention, cap.layout, layer, attention_required))
+
+
+def _attention_on_grid(rows: Tensor | None, layout: object, layer: str, required: bool) -> Tensor | None:
+    if rows is None:
+        if required:
+            raise ValueError(f"the attention module did not run in the forward pass that computes {layer!r}.")
+        return None
+    try:
+        if layout is None:
+            raise ValueError(f"layer {layer!r} does not output transformer tokens on a known grid")
+        return patch_attention(full_tensor(rows).float(), layout)  # type: ignore[arg-type]
+    except ValueError as err:
+        if required:
+            raise ValueError(f"cannot place the class-token attention on the grid of {layer!r}: {err}") from None
+        return None
+
+
+def with_attention(maps: Mapping[str, Tensor], attention: Tensor | None) -> dict[str, Tensor]:
+    """``maps`` plus ``maps["attention"]``: the class-token attention averaged over heads, normalised to ``[0, 1]``.
+
+    Args:
+        maps: ``{method: (B, h, w)}`` maps.
+        attention: ``(B, heads, h, w)`` per-head attention (:class:`Captured`), or ``None`` (``maps`` unchanged).
+    """
+    out = dict(maps)
+    if attention is not None:
+        out[ATTENTION] = normalize_maps(attention.mean(dim=1))
+    return out
 
 
 def maps_of(
@@ -126,8 +224,10 @@ class Explanation:
         features: ``(B, C, h, w)`` float32 features.
         output: the forward's return value (e.g. the backbone embedding).
         decomposition: the decomposition of ``features`` the maps were read from.
-        maps: ``{method: (B, h, w)}`` float32 maps in ``[0, 1]`` at the features' grid.
+        maps: ``{method: (B, h, w)}`` float32 maps in ``[0, 1]`` at the features' grid, plus ``"attention"`` for a
+            vision transformer when the class-token attention was read.
         image_size: ``(H, W)`` of the images.
+        attention: ``(B, heads, h, w)`` class-token attention per head, or ``None``.
     """
 
     layer: str
@@ -136,6 +236,7 @@ class Explanation:
     decomposition: Decomposition
     maps: dict[str, Tensor]
     image_size: tuple[int, int]
+    attention: Tensor | None = None
 
     def upsampled(self, size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """The maps resized bilinearly to ``size`` (default: the image size), still in ``[0, 1]``."""
@@ -152,8 +253,10 @@ def explain_batch(
     num_components: int | None = None,
     weighting: str = "singular",
     spectra: bool = False,
+    token_grid: TokenGridSpec = None,
+    attention: bool | None = None,
 ) -> Explanation:
-    """Explain one batch: :func:`capture_features`, then :func:`maps_of`.
+    """Explain one batch: :func:`capture_features`, then :func:`maps_of` (and :func:`with_attention`).
 
     Args:
         model: the network.
@@ -164,14 +267,35 @@ def explain_batch(
         num_components: components of the multivector methods (``None``: all).
         weighting: multivector weighting.
         spectra: decompose for the spectral metrics too (see :func:`maps_of`).
+        token_grid: how a transformer block's tokens become a map (:mod:`tsm_lightning.tokens`).
+        attention: add the last block's class-token attention as ``maps["attention"]``: ``None`` when the layer is
+            a transformer block with a class token and the attention can be read, ``True`` always (or an error),
+            ``False`` never.
 
     Returns:
         An :class:`Explanation`.
     """
     check_images(images, channels=None)
     methods = validate_methods(methods)
-    features, output = capture_features(model, images, layer, forward_fn=forward_fn)
-    decomposition, maps = maps_of(
-        features, methods, num_components=num_components, weighting=weighting, spectra=spectra
+    name = attention_module(model, layer, attention, forward_fn)
+    captured = capture_features(
+        model,
+        images,
+        layer,
+        forward_fn=forward_fn,
+        token_grid=token_grid,
+        attention=name,
+        attention_required=bool(attention),
     )
-    return Explanation(layer, features, output, decomposition, maps, (images.shape[-2], images.shape[-1]))
+    decomposition, maps = maps_of(
+        captured.features, methods, num_components=num_components, weighting=weighting, spectra=spectra
+    )
+    return Explanation(
+        layer,
+        captured.features,
+        captured.output,
+        decomposition,
+        with_attention(maps, captured.attention),
+        (images.shape[-2], images.shape[-1]),
+        captured.attention,
+    )

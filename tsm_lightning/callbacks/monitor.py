@@ -27,6 +27,7 @@ from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps
 from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.metrics import default_embed_fn
 from tsm_lightning.monitoring import (
+    attention_head_pictures,
     collapse_scalars,
     display_tiles,
     fresh_copy,
@@ -36,11 +37,12 @@ from tsm_lightning.monitoring import (
     scalars,
     stability_references,
 )
-from tsm_lightning.pipeline import capture_features, maps_of
+from tsm_lightning.pipeline import Captured, attention_module, capture_features, maps_of, with_attention
 from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
 from tsm_lightning.render import COLORMAPS
 from tsm_lightning.rng import preserved_rng
 from tsm_lightning.sinks import Sink, is_tensorboard, sinks_for_loggers
+from tsm_lightning.tokens import TokenGridSpec, check_token_grid
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "REFERENCE_NAMES", "SaliencyMonitor", "SaliencyMonitorMixin"]
 
@@ -84,6 +86,9 @@ class SaliencyMonitorMixin:
         faithfulness_steps: int = 8,
         embed_fn: Callable[[Tensor], Tensor] | None = None,
         stability_reference: bool = True,
+        token_grid: TokenGridSpec = None,
+        attention: bool | None = None,
+        attention_heads: bool = False,
         seed: int = 0,
         strict: bool = False,
     ) -> None:
@@ -95,8 +100,10 @@ class SaliencyMonitorMixin:
                 the datamodule's validation data, else of the training data. Nested SSL batches are unwrapped
                 as documented in :mod:`tsm_lightning.probe`; masks that come with augmented views are never used
                 (the probe is drawn without augmentation where the dataset allows, else localization is skipped).
-            layer: dotted module name relative to the LightningModule, e.g. ``"backbone.7"``; ``None`` picks the
-                last layer with a spatial map (searched in ``pl_module.backbone`` when it exists) and warns once.
+            layer: dotted module name relative to the LightningModule, e.g. ``"backbone.7"`` or, for a vision
+                transformer, ``"backbone.encoder.layers.encoder_layer_11"``; ``None`` picks a ViT's last block, else
+                the deepest layer with a spatial map of a useful size (searched in ``pl_module.backbone`` when it
+                exists) and warns once, naming the layer and its grid.
             methods: any of :data:`~tsm_lightning.METHODS`.
             every_n_steps: run every this many optimizer steps.
             every_n_epochs: run at the end of every this many epochs. Give at most one of the two; with neither,
@@ -137,6 +144,14 @@ class SaliencyMonitorMixin:
                 ``saliency/fresh_init_<method>/stability_first``: the value ``stability_first`` takes when the maps
                 have nothing in common with the first ones but the architecture. Needs the default forward rule
                 (no ``forward_fn``).
+            token_grid: how a transformer block's ``(B, T, D)`` tokens become a ``(B, D, h, w)`` map: a
+                :class:`~tsm_lightning.tokens.TokenGrid` or a callable; default: the model's patch grid, the leading
+                class and register tokens dropped (:mod:`tsm_lightning.tokens`).
+            attention: log the last transformer block's class-token attention, averaged over heads, beside the
+                methods as ``saliency/attention`` (overlays, and every per-map metric, agreement and localization
+                included): ``None`` (default) when the monitored layer is a transformer block with a class token and
+                the model's attention module can be read; ``True`` always (an error otherwise); ``False`` never.
+            attention_heads: also log ``saliency/attention_heads``, one overlay per head for the displayed images.
             seed: seed for augmentations applied while the probe is drawn from a dataset, and for the random-map
                 and fresh-initialisation references.
             strict: raise errors that happen inside the monitor during training instead of warning and going on.
@@ -174,6 +189,9 @@ class SaliencyMonitorMixin:
         for name, stats in (("mean", mean), ("std", std)):
             if stats is not None and len(stats) != 3:
                 raise ValueError(f"{name} must have 3 values (one per RGB channel) or be None, got {stats!r}.")
+        if attention not in (None, True, False):
+            raise ValueError(f"attention must be None (automatic), True or False, got {attention!r}.")
+        check_token_grid(token_grid)
         check_probe_source(probe)
         self.probe_source = probe
         self.layer = layer
@@ -199,6 +217,9 @@ class SaliencyMonitorMixin:
         self.faithfulness_steps = faithfulness_steps
         self.embed_fn = embed_fn
         self.stability_reference = stability_reference
+        self.token_grid = token_grid
+        self.attention = attention
+        self.attention_heads = bool(attention_heads)
         self.seed = seed
         self.strict = strict
 
@@ -209,6 +230,7 @@ class SaliencyMonitorMixin:
         self.previous_maps: dict[str, Tensor] | None = None
         self.references: dict[str, float] = {}
         self._resolved_layer: str | None = layer
+        self._attention_module: str | None = None
         self._display: tuple[Tensor, Tensor] | None = None
         self._last_attempted_step: int | None = None
         self._told_samples_per_plugin = False
@@ -277,6 +299,7 @@ class SaliencyMonitorMixin:
             target = search_root(pl_module)[1] if self.forward_fn is None else pl_module
             with self._gathered(target):
                 self._resolved_layer = self._discover_layer(pl_module)
+        self._attention_module = attention_module(pl_module, self._resolved_layer, self.attention, self.forward_fn)
 
     def _resolve_probe(self, trainer: Any) -> Probe:
         source = self.probe_source
@@ -331,7 +354,7 @@ class SaliencyMonitorMixin:
         assert self.probe is not None
         images = self._model_input(pl_module)
         try:
-            infos = candidate_layers(pl_module, images, self.forward_fn)
+            infos = candidate_layers(pl_module, images, self.forward_fn, token_grid=self.token_grid)
         except (TypeError, RuntimeError) as err:
             raise ValueError(
                 f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
@@ -459,9 +482,14 @@ class SaliencyMonitorMixin:
         return images
 
     def _capture(
-        self, module: Any, layer: str, forward: Callable[[Tensor], object], gathered: Any = None
-    ) -> tuple[Tensor, object]:
-        """Run ``forward`` on the probe with ``layer`` of ``module`` captured: ``(features float32, output)``.
+        self,
+        module: Any,
+        layer: str,
+        forward: Callable[[Tensor], object],
+        gathered: Any = None,
+        attention: str | None = None,
+    ) -> Captured:
+        """Run ``forward`` on the probe with ``layer`` of ``module`` captured (and the attention module, if named).
 
         ``gathered`` is the module the forward calls, whose parameters are gathered first when they are sharded.
         """
@@ -472,6 +500,9 @@ class SaliencyMonitorMixin:
             forward_fn=lambda _module, images: forward(images),
             gathered=self._gathered(gathered),
             finite=True,
+            token_grid=self.token_grid,
+            attention=attention,
+            attention_required=self.attention is True,
         )
 
     def _maps(self, features: Tensor) -> tuple[Decomposition, dict[str, Tensor]]:
@@ -491,33 +522,39 @@ class SaliencyMonitorMixin:
 
         Returns:
             ``features`` ``(B, C, h, w)`` float32 and ``{method: (B, h, w)}`` maps in ``[0, 1]``, for every probe
-            image.
+            image (plus ``"attention"`` when the class-token attention is monitored and ``features`` is ``None``).
         """
+        attention = None
         if features is None:
-            features, _ = self._capture_probe(pl_module)
-        return features, self._maps(features)[1]
+            features, _, attention = self._capture_probe(pl_module)
+        return features, with_attention(self._maps(features)[1], attention)
 
-    def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
-        # The probe forward (on every rank when the parameters are sharded): (features, forward output).
+    def _capture_probe(self, pl_module: Any) -> Captured:
+        # The probe forward (on every rank when the parameters are sharded): features, forward output, attention.
         assert self._resolved_layer is not None
         layer = self._resolved_layer
         return self._capture(
-            pl_module, layer, lambda images: self._forward(pl_module, images), forward_target(pl_module, layer)
+            pl_module,
+            layer,
+            lambda images: self._forward(pl_module, images),
+            forward_target(pl_module, layer),
+            self._attention_module,
         )
 
-    def run(self, trainer: Any, pl_module: Any, captured: tuple[Tensor, object] | None = None) -> None:
+    def run(self, trainer: Any, pl_module: Any, captured: Captured | None = None) -> None:
         """Compute and log the maps and metrics for the current step (rank zero only).
 
         Args:
             trainer: the ``Trainer``.
             pl_module: the LightningModule.
-            captured: ``(features, forward output)`` when every rank already ran the probe forward (sharded
-                training); ``None`` runs it here.
+            captured: the probe forward's result when every rank already ran it (sharded training); ``None`` runs
+                it here.
         """
         assert self.probe is not None
         step = trainer.global_step
-        features, output = captured if captured is not None else self._capture_probe(pl_module)
+        features, output, attention = captured if captured is not None else self._capture_probe(pl_module)
         decomposition, maps = self._maps(features)
+        maps = with_attention(maps, attention)
         runs = len(self.logged_steps) + 1
         faithful = self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0
         # Upsampled once, to the probe's size, and only when a metric needs them (the masks are the probe's size).
@@ -528,6 +565,8 @@ class SaliencyMonitorMixin:
             shown = self.probe.images[: self.display_images]
             self._display = display_tiles(shown, self.mean, self.std, self.image_size)
         images = pictures(maps, full, *self._display, colormap=self.colormap, alpha=self.alpha)
+        if self.attention_heads and attention is not None:
+            images.update(attention_head_pictures(attention, *self._display, colormap=self.colormap, alpha=self.alpha))
         values = self._scalars(pl_module, decomposition, maps, full, output, faithful) if self.metrics else {}
         self._log(trainer, images, values, step)
         self.previous_maps = {name: m.detach().cpu() for name, m in maps.items()}
@@ -577,9 +616,11 @@ class SaliencyMonitorMixin:
         if self.forward_fn is not None or target is pl_module or self._sharding is not None:
             return {}  # no copy of a user-defined forward, of the whole module, or of sharded parameters
         fresh = fresh_copy(target, self.seed + 1)
-        features, _ = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh)
+        attention = self._attention_module
+        inner = attention.split(".", 1)[1] if attention is not None else None  # both are under the same child
+        features, _, heads = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh, inner)
         del fresh
-        return stability_references(self._maps(features)[1], first)
+        return stability_references(with_attention(self._maps(features)[1], heads), first)
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log(self, trainer: Any, pictures: dict[str, Tensor], scalars: dict[str, float], step: int) -> None:
@@ -632,6 +673,9 @@ class SaliencyMonitor(SaliencyMonitorMixin, Callback):
     * images ``saliency/<method>`` (top row: probe images, bottom row: overlays) and ``saliency/all`` (one row
       per probe image: input, then one overlay per method);
     * scalars ``saliency/<method>/<metric>``.
+
+    Vision transformers are monitored like CNNs: a block's tokens become a map on the model's patch grid, and the
+    last block's class-token attention is logged beside the methods as ``saliency/attention`` (see ``attention``).
 
     TensorBoard loggers get ``add_image``/``add_scalar``; loggers with a ``log_image`` method (W&B, ...) get that;
     others get PNG files under their ``log_dir``; with ``logger=False`` PNGs go under

@@ -67,12 +67,20 @@ def _resolve_layer(loaded: Loaded, layer: str | None, sample: Any) -> str:
 
 
 def _run_model(
-    loaded: Loaded, images: Any, layer: str, methods: Sequence[str], batch_size: int, device: str, label: str = ""
+    loaded: Loaded,
+    images: Any,
+    layer: str,
+    methods: Sequence[str],
+    batch_size: int,
+    device: str,
+    label: str = "",
+    attention: bool | None = False,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Explain all images in batches: CPU maps ``{method: (N, H, W)}`` and per-image ``map_metrics``.
+    """Explain all images in batches: CPU maps ``{name: (N, H, W)}`` and per-image ``map_metrics``.
 
     Each batch goes through :func:`~tsm_lightning.pipeline.explain_batch`, whose one decomposition gives the maps
-    and the spectral metrics.
+    and the spectral metrics. The names are the methods, then ``"attention"`` for a vision transformer when
+    ``attention`` is not ``False`` (see :func:`~tsm_lightning.pipeline.explain_batch`).
     """
     import torch
 
@@ -81,18 +89,20 @@ def _run_model(
 
     n = images.shape[0]
     batches = math.ceil(n / batch_size)
-    maps_out: dict[str, list[Any]] = {m: [] for m in methods}
+    maps_out: dict[str, list[Any]] = {}
     metrics_out: dict[str, dict[str, list[Any]]] = {}
     start = time.perf_counter()
     for b in range(batches):
         chunk = images[b * batch_size : (b + 1) * batch_size].to(device)
-        result = explain_batch(loaded.model, chunk, layer, methods, spectra=True)
+        result = explain_batch(
+            loaded.model, chunk, layer, methods, spectra=True, token_grid=loaded.token_grid, attention=attention
+        )
         maps = result.upsampled()
         for method, values in map_metrics(maps, decomposition=result.decomposition).items():
             for metric, v in values.items():
                 metrics_out.setdefault(method, {}).setdefault(metric, []).append(v.detach().cpu())
-        for method in methods:
-            maps_out[method].append(maps[method].detach().float().cpu())
+        for name, m in maps.items():
+            maps_out.setdefault(name, []).append(m.detach().float().cpu())
         done = min(n, (b + 1) * batch_size)
         _progress(f"{label}batch {b + 1}/{batches}: {done}/{n} images ({time.perf_counter() - start:.1f} s)")
     cat_maps = {m: torch.cat(v) for m, v in maps_out.items()}
@@ -111,6 +121,7 @@ def _load_inputs(args: argparse.Namespace) -> tuple[Any, list[Path], list[tuple[
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``tsm-lightning explain``."""
+    from tsm_lightning.constants import ATTENTION
     from tsm_lightning.core import validate_methods
     from tsm_lightning.metrics import summarize
     from tsm_lightning.render import comparison_grid, label, overlay
@@ -128,34 +139,37 @@ def cmd_explain(args: argparse.Namespace) -> int:
             f"warning: no weights given: explaining {loaded.source}; the maps show the untrained network, not a "
             f"trained model. Pass {trained} to explain trained weights."
         )
-    maps, per_image = _run_model(loaded, images, layer, methods, args.batch_size, device)
+    maps, per_image = _run_model(
+        loaded, images, layer, methods, args.batch_size, device, attention=None if args.attention else False
+    )
+    names = tuple(maps)  # the methods, then the attention map of a vision transformer
 
     inputs = _input_tiles(images)
-    overlays = {method: overlay(inputs.float() / 255, maps[method]) for method in methods}
+    overlays = {name: overlay(inputs.float() / 255, maps[name]) for name in names}
     features = per_image.get("features", {})
     rows: list[dict[str, Any]] = []
     pictures: dict[str, Any] = {}
     stems = _stems(files)
-    column_labels = ["input", *(label(m) for m in methods)]
+    column_labels = ["input", *(label(m) for m in names)]
     png = PngSink(out.path, lambda tag, _step: out.file(f"{tag.removeprefix('explain/')}.png"))
     for i, (path, stem) in enumerate(zip(files, stems, strict=True)):
-        for method in methods:
+        for method in names:
             values = per_image[method]
             row: dict[str, Any] = {"image": stem, "path": str(path), "method": method}
             row.update({k: _float(values[k][i]) for k in ("entropy", "gini")})
-            if len(methods) > 1:
-                agree = {f"agreement_{m}": values.get(f"agreement_{m}") for m in methods}
+            if len(names) > 1:
+                agree = {f"agreement_{m}": values.get(f"agreement_{m}") for m in names}
                 row.update({k: None if v is None else _float(v[i]) for k, v in agree.items()})
             row.update({k: _float(v[i]) for k, v in values.items() if k not in row})
             row.update({k: _float(v[i]) for k, v in features.items()})
             rows.append(row)
-        shown = {method: _enlarge(overlays[method][i : i + 1]) for method in methods}
+        shown = {name: _enlarge(overlays[name][i : i + 1]) for name in names}
         picture = {f"explain/{stem}": comparison_grid(_enlarge(inputs[i : i + 1]), shown)}
         png.write(picture, {}, 0)
         pictures.update(picture)
 
     write_csv(out.file("metrics.csv"), rows)
-    summary = summarize({m: per_image[m] | features for m in methods})
+    summary = summarize({m: per_image[m] | features for m in names})
     meta = {
         "tool": PROG,
         "command": "explain",
@@ -163,8 +177,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "random_weights": loaded.random_weights,
         "layer": layer,
         "methods": list(methods),
+        "attention": ATTENTION in names,
         "image_size": args.image_size,
-        "columns": ["input", *methods],
+        "columns": ["input", *names],
         "column_labels": column_labels,
         "images": [{"image": s, "path": str(p), "png": f"{s}.png"} for s, p in zip(stems, files, strict=True)],
         "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
@@ -178,7 +193,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     keys = ["entropy", "gini", "spectral_concentration"]
     print(f"explained {len(files)} image(s) with {loaded.source}, layer {layer}; wrote {out.path}")
-    _print_table(["method", *keys], [[m, *(_fmt(summary[m].get(k)) for k in keys)] for m in methods])
+    _print_table(["map", *keys], [[m, *(_fmt(summary[m].get(k)) for k in keys)] for m in names])
     _report_skipped(skipped)
     return 0
 
@@ -271,11 +286,21 @@ def cmd_layers(args: argparse.Namespace) -> int:
         _progress(f"note: {_one_line(err)}")
     seen: dict[tuple[str, Any], Any] = {}
     for info in infos:
-        if args.all or info.is_map:
+        if args.all or info.is_map or info.tokens:
             seen[(info.name, info.shape)] = info
     if not seen:
         raise CLIError(f"no layer outputs a spatial map at {args.image_size} px; try a larger --image-size")
-    print(f"{loaded.source}: layers with a (B, C, h, w) output at {args.image_size} px (* = auto choice)")
-    rows = [["*" if name == chosen else "", name, "x".join(map(str, shape)) if shape else "-"] for name, shape in seen]
-    _print_table(["", "layer", "output shape"], rows)
+    print(
+        f"{loaded.source}: layers with a (B, C, h, w) map or (B, T, D) tokens at {args.image_size} px (* = auto choice)"
+    )
+    rows = [
+        [
+            "*" if info.name == chosen else "",
+            info.name,
+            "x".join(map(str, info.shape)) if info.shape else "-",
+            ("tokens " if info.tokens else "") + ("x".join(map(str, info.grid)) if info.grid else "-"),
+        ]
+        for info in seen.values()
+    ]
+    _print_table(["", "layer", "output shape", "grid"], rows)
     return 0

@@ -39,6 +39,7 @@ class Loaded:
     model: Any
     source: str
     random_weights: bool = False
+    token_grid: Any = None
 
     def discover_layer(self, images: Any) -> tuple[str, str]:
         """The layer auto-discovery picks and a sentence with its grid.
@@ -47,13 +48,13 @@ class Loaded:
         """
         from tsm_lightning.capture import discover_layer
 
-        return discover_layer(self.model, images)
+        return discover_layer(self.model, images, token_grid=self.token_grid)
 
     def candidate_layers(self, images: Any) -> list[Any]:
         """The layers auto-discovery searches, with their output shapes, named relative to the model."""
         from tsm_lightning.capture import candidate_layers
 
-        return candidate_layers(self.model, images)
+        return candidate_layers(self.model, images, token_grid=self.token_grid)
 
 
 def _import_class(spec: str, option: str = "--model") -> type:
@@ -225,11 +226,21 @@ def load_arch(arch: str, weights: str | None, device: str, *, required: bool = T
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
-    """Load one model from the common options.
+    """Load one model from the common options, with the token-grid rule of ``--token-grid`` / ``--prefix-tokens``.
 
     With ``required=False`` a missing checkpoint / ``--weights`` is allowed: ``--arch`` or ``--model`` is then built
     with its seeded random initialisation (``Loaded.random_weights``).
     """
+    loaded = _load_model(args, checkpoint, required)
+    grid, prefix = getattr(args, "token_grid", None), getattr(args, "prefix_tokens", None)
+    if grid is not None or prefix is not None:
+        from tsm_lightning.tokens import TokenGrid
+
+        loaded.token_grid = TokenGrid(grid, prefix)
+    return loaded
+
+
+def _load_model(args: argparse.Namespace, checkpoint: str | None, required: bool) -> Loaded:
     if args.arch:
         if args.model:
             raise CLIError("pass either --model (Lightning checkpoint) or --arch (torchvision state_dict), not both")

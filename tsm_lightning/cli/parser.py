@@ -30,6 +30,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected a grid HxW such as 14x14, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _method_list(values: Sequence[str]) -> list[str]:
     return [m for v in values for m in v.replace(",", " ").split()]
 
@@ -42,6 +55,18 @@ def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None
         g.add_argument("--weights", metavar="FILE", help="state_dict file for --arch (or pass it as CHECKPOINT)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--image-size", type=_positive, default=224, metavar="N", help="input side in pixels (default 224)")
+    g.add_argument(
+        "--token-grid",
+        type=_grid,
+        metavar="HxW",
+        help="vision transformers: patch grid of the tokens (default: read from the model's patch embedding)",
+    )
+    g.add_argument(
+        "--prefix-tokens",
+        type=_non_negative,
+        metavar="P",
+        help="vision transformers: leading class/register tokens to drop (default: tokens minus grid cells)",
+    )
 
 
 def _add_explain_options(p: argparse.ArgumentParser) -> None:
@@ -62,6 +87,12 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     _add_model_options(p)
     if p.prog.endswith("explain"):
         p.add_argument("--tensorboard", action="store_true", help="also write the images and metrics as an event file")
+        p.add_argument(
+            "--no-attention",
+            dest="attention",
+            action="store_false",
+            help="vision transformers: leave out the last block's class-token attention map (shown by default)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
-        description="Label-free saliency maps (EigenCAM, TSM, MTSM) of self-supervised CNN checkpoints.",
+        description="Label-free saliency maps (EigenCAM, TSM, MTSM) of self-supervised CNN and ViT checkpoints.",
         epilog=f"example:\n  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/",
         formatter_class=fmt,
     )

@@ -1,0 +1,223 @@
+"""Vision-transformer tokens: the grid rule, layer discovery on three model families, the class-token attention."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import BlocksViT, tiny_vit
+from lightly.models.modules import MaskedVisionTransformerTorchvision
+from torch import nn
+
+from tsm_lightning import TokenGrid, attention_maps, explain, saliency_maps, tokens_to_grid
+from tsm_lightning.capture import capture, find_layer
+from tsm_lightning.core.attention import class_token_attention
+from tsm_lightning.pipeline import attention_module, capture_features, explain_batch
+from tsm_lightning.tokens import (
+    MAX_PREFIX_TOKENS,
+    attention_rows,
+    find_attention,
+    repeated_blocks,
+    resolve_grid,
+)
+
+
+def _manual_grid(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
+    """Straightforward reference: patch token prefix + i * w + j goes to cell (i, j)."""
+    b, _, d = tokens.shape
+    out = torch.empty(b, d, h, w)
+    for n in range(b):
+        for i in range(h):
+            for j in range(w):
+                out[n, :, i, j] = tokens[n, prefix + i * w + j]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("prefix", "grid", "kwargs"),
+    [
+        (1, (4, 4), {}),  # class token, square: found by the square rule
+        (0, (5, 5), {}),  # no prefix token
+        (5, (3, 3), {"prefix_tokens": 5}),  # class + 4 registers, stated
+        (5, (6, 8), {"grid": (6, 8)}),  # registers and a non-square grid
+        (1, (2, 7), {"grid": (2, 7), "prefix_tokens": 1}),
+    ],
+)
+def test_tokens_to_grid_matches_a_manual_reshape(prefix, grid, kwargs):
+    h, w = grid
+    tokens = torch.randn(3, prefix + h * w, 6)
+    expected = _manual_grid(tokens, prefix, h, w)
+    assert torch.equal(tokens_to_grid(tokens, **kwargs), expected)
+
+
+def test_square_rule_drops_class_and_register_tokens():
+    assert resolve_grid(197) == (1, 14, 14)
+    assert resolve_grid(201) == (5, 14, 14)  # class + 4 registers (DINOv2-reg)
+    assert resolve_grid(196) == (0, 14, 14)
+    assert resolve_grid(50, patch_grid=(7, 7)) == (1, 7, 7)
+    assert resolve_grid(1 + 24, patch_grid=(4, 6)) == (1, 4, 6)
+
+
+def test_token_counts_that_fit_no_grid_say_so():
+    with pytest.raises(ValueError, match=rf"120 tokens fit no square grid with at most {MAX_PREFIX_TOKENS}"):
+        tokens_to_grid(torch.randn(1, 120, 4))
+    with pytest.raises(ValueError, match=r"195 patches, which is not a square grid"):
+        tokens_to_grid(torch.randn(1, 197, 4), prefix_tokens=2)
+    with pytest.raises(ValueError, match=r"190 tokens do not fit a 14x14 patch grid"):
+        tokens_to_grid(torch.randn(1, 190, 4), grid=(14, 14))
+    with pytest.raises(ValueError, match=r"do not fit 2 prefix tokens \+ a 4x4"):
+        tokens_to_grid(torch.randn(1, 17, 4), grid=(4, 4), prefix_tokens=2)
+    with pytest.raises(ValueError, match=r"\(B, T, D\) token sequence"):
+        tokens_to_grid(torch.randn(17, 4))
+    with pytest.raises(ValueError, match=r"tuple \(h, w\) of positive integers"):
+        TokenGrid(grid=(4, 0))
+    with pytest.raises(ValueError, match=r"integer >= 0"):
+        TokenGrid(prefix_tokens=-1)
+
+
+def test_saliency_maps_of_tokens_point_to_tokens_to_grid():
+    tokens = torch.randn(2, 17, 8)
+    with pytest.raises(ValueError, match="tokens_to_grid"):
+        saliency_maps(tokens)
+    maps = saliency_maps(tokens_to_grid(tokens), methods=["tsm"])
+    assert maps["tsm"].shape == (2, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+def test_torchvision_vit_gets_its_last_block_never_the_patch_embedding():
+    vit = tiny_vit(image_size=32, patch_size=4, num_layers=3)
+    with pytest.warns(UserWarning, match=r"encoder_layer_2' \(the last transformer block\), tokens \(2, 65, 16\) as"):
+        layer = find_layer(vit, torch.randn(2, 3, 32, 32))
+    assert layer == "encoder.layers.encoder_layer_2"
+    assert "encoder.layers.encoder_layer_0" in repeated_blocks(vit)
+
+
+def test_lightly_vit_wrapper_in_a_backbone_gets_the_last_block():
+    model = nn.Module()
+    model.backbone = MaskedVisionTransformerTorchvision(vit=tiny_vit(num_layers=2))
+    model.head = nn.Linear(16, 4)
+    layer = find_layer(model, torch.randn(2, 3, 16, 16), warn=False)
+    assert layer == "backbone.vit.encoder.layers.encoder_layer_1"
+    maps = explain(model, torch.randn(2, 3, 16, 16), layer=layer)
+    assert set(maps) == {"eigencam", "tsm", "multivec_eigencam", "mtsm", "attention"}
+
+
+def test_blocks_model_with_registers_and_a_non_square_grid():
+    model = BlocksViT(grid=(4, 6), registers=4, depth=3)
+    images = torch.randn(2, 3, 16, 24)
+    assert find_layer(model, images, warn=False) == "blocks.2"
+    with capture(model, "blocks.1") as cap:
+        model(images)
+    assert cap.layout == (5, 4, 6)  # the grid read from patch_embed.proj, the 5 leading tokens dropped
+    with capture(model, "blocks.1", feature_map=False) as raw:
+        model(images)
+    assert torch.equal(cap.features, _manual_grid(raw.value, 5, 4, 6))
+    assert explain(model, images, layer="blocks.2")["tsm"].shape == (2, 16, 24)
+
+
+def test_cnn_discovery_is_unchanged_by_the_transformer_rule():
+    from helpers import SiameseNet
+
+    assert find_layer(SiameseNet(), torch.randn(2, 3, 16, 16), warn=False) == "backbone.5"
+
+
+def test_user_token_grid_overrides_the_rule():
+    model = BlocksViT(grid=(4, 6), registers=2)
+    images = torch.randn(1, 3, 16, 24)
+    with pytest.raises(ValueError, match=r"do not fit 1 prefix tokens \+ a 4x6"):
+        explain(model, images, layer="blocks.1", token_grid=TokenGrid(prefix_tokens=1))
+
+    def last_24(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, -24:].transpose(1, 2).reshape(tokens.shape[0], -1, 4, 6)
+
+    features = capture_features(model, images, "blocks.1", token_grid=last_24).features
+    assert features.shape == (1, 16, 4, 6)
+    with pytest.raises(ValueError, match=r"must return a \(B, D, h, w\) map"):
+        capture_features(model, images, "blocks.1", token_grid=lambda t: t)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def test_class_token_attention_matches_torch_multihead_attention():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(3, 10, 16)
+    with torch.no_grad():
+        _, weights = mha(x, x, x, need_weights=True, average_attn_weights=False)  # (B, heads, T, T)
+        rows = attention_rows(mha, (x, x, x), {})
+    torch.testing.assert_close(rows, weights[:, :, 0], atol=1e-6, rtol=1e-5)
+    seq_first = nn.MultiheadAttention(16, 4).eval()
+    seq_first.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        xt = x.transpose(0, 1)
+        torch.testing.assert_close(attention_rows(seq_first, (xt, xt, xt), {}), rows, atol=1e-6, rtol=1e-5)
+
+
+def test_class_token_attention_of_a_qkv_module_matches_q_and_k():
+    model = BlocksViT(grid=(4, 4), registers=1)
+    attn = model.blocks[-1].attn
+    attn.scale = 0.25  # not 1 / sqrt(head_dim): the module's own scale must be used
+    x = torch.randn(2, 18, 16)
+    with torch.no_grad():
+        rows = attention_rows(attn, (x,), {})
+        q, k, _ = attn.qkv(x).reshape(2, 18, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    expected = torch.empty(2, 2, 18)
+    for b in range(2):
+        for h in range(2):
+            expected[b, h] = torch.softmax(k[b, h] @ q[b, h, 0] * 0.25, dim=0)
+    torch.testing.assert_close(rows, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2, 2))
+    torch.testing.assert_close(class_token_attention(q, k, scale=0.25), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_maps_of_a_torchvision_vit_match_the_blocks_own_weights():
+    vit = tiny_vit(image_size=32, patch_size=4, num_layers=2, num_heads=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    block = vit.encoder.layers.encoder_layer_1
+    seen = {}
+    handle = block.ln_1.register_forward_hook(lambda m, a, out: seen.setdefault("x", out))
+    with torch.no_grad():
+        vit(images)
+        _, weights = block.self_attention(seen["x"], seen["x"], seen["x"], average_attn_weights=False)
+    handle.remove()
+    expected = weights[:, :, 0, 1:].reshape(2, 4, 8, 8)  # class-token row, patch columns
+    layer = "encoder.layers.encoder_layer_1"
+    name = attention_module(vit, layer)
+    assert name == "encoder.layers.encoder_layer_1.self_attention" == find_attention(vit)
+    got = capture_features(vit, images, layer, attention=name, attention_required=True).attention
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    heads = attention_maps(vit, images, per_head=True)
+    assert heads.shape == (2, 4, 32, 32) and heads.amin() >= 0 and heads.amax() <= 1
+    mean = attention_maps(vit, images)
+    assert mean.shape == (2, 32, 32)
+    explanation = explain_batch(vit, images, layer)
+    torch.testing.assert_close(explanation.attention, expected, atol=1e-6, rtol=1e-5)
+    m = expected.mean(1).flatten(1)
+    normalised = ((m - m.amin(1, keepdim=True)) / (m.amax(1, keepdim=True) - m.amin(1, keepdim=True))).reshape(2, 8, 8)
+    torch.testing.assert_close(explanation.maps["attention"], normalised, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_needs_a_class_token_and_a_readable_module():
+    model = BlocksViT(grid=(4, 4), class_token=False)
+    images = torch.randn(1, 3, 16, 16)
+    assert "attention" not in explain(model, images, layer="blocks.1")  # automatic: left out
+    with pytest.raises(ValueError, match="no class token"):
+        explain(model, images, layer="blocks.1", attention=True)
+    from helpers import SiameseNet
+
+    with pytest.raises(ValueError, match="no self-attention module this package can read"):
+        explain(SiameseNet(), torch.randn(1, 3, 16, 16), layer="backbone.5", attention=True)
+    assert "attention" not in explain(tiny_vit(), torch.randn(1, 3, 16, 16), attention=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maps = explain(tiny_vit(), torch.randn(1, 3, 16, 16), layer="encoder.layers.encoder_layer_0")
+    assert "attention" in maps  # the last block's attention, placed on an earlier block's (identical) grid
+
+
+def test_a_vit_is_left_exactly_as_it_was():
+    vit = tiny_vit()
+    vit.train()
+    vit.encoder.layers.encoder_layer_0.eval()
+    modes = {n: m.training for n, m in vit.named_modules()}
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    explain(vit, torch.randn(2, 3, 16, 16), layer="encoder.layers.encoder_layer_1")
+    assert {n: m.training for n, m in vit.named_modules()} == modes
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules())
+    assert all(torch.equal(v, state[k]) for k, v in vit.state_dict().items())
