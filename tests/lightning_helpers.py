@@ -78,3 +78,13 @@ def trainer_kwargs(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class TinyViTSimSiam(TinySimSiam):
+    """:class:`TinySimSiam` with a small torchvision ViT backbone (16 px images, 4 px patches: a 4x4 token grid)."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(width=8, lr=lr)
+        from helpers import tiny_vit
+
+        self.backbone = tiny_vit(image_size=16, patch_size=4, num_layers=2, num_heads=2, dim=16)

@@ -51,6 +51,18 @@ class Other(LightningModule):
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 5, 3))
+
+
+class TinyViT(Tiny):
+    # A lightly ViT wrapper as the backbone: 32 px images, 8 px patches, a 4x4 token grid.
+
+    def __init__(self, lr: float = 0.1):
+        super().__init__(width=16, lr=lr)
+        import torchvision
+        from lightly.models.modules import MaskedVisionTransformerTorchvision
+
+        vit = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+        self.backbone = MaskedVisionTransformerTorchvision(vit=vit)
 """
 
 TILE = 32
@@ -115,6 +127,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         trainer.fit(model, data)
         paths[f"ckpt{k}"] = root / f"step{k}.ckpt"
         trainer.save_checkpoint(paths[f"ckpt{k}"])
+    vit_trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    vit_trainer.fit(tinymod.TinyViT(), data)
+    paths["ckpt_vit"] = root / "vit.ckpt"
+    vit_trainer.save_checkpoint(paths["ckpt_vit"])
     # A checkpoint naming its class as LightningCLI does, so that --model is not needed.
     ckpt = torch.load(paths["ckpt1"], map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["_class_path"] = "tinymod.Tiny"
@@ -193,6 +210,47 @@ def test_explain_lightning_checkpoint(env: dict[str, Path], tmp_path: Path) -> N
     assert "broken.png" in res.stderr and "batch 1/1" in res.stderr
     for method in METHODS:
         assert method in res.stdout
+
+
+def test_explain_a_saved_lightly_vit(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    out = tmp_path / "vit"
+    args = ["explain", env["ckpt_vit"], "--model", "tinymod:TinyViT", "--images", env["images"], "--image-size", TILE]
+    code, stdout, err = inproc(*args, "--out", out)
+    assert code == 0, err
+    layer = "backbone.vit.encoder.layers.encoder_layer_1"
+    assert f"layer: '{layer}' (the last transformer block), tokens (1, 17, 16) as a 4x4 grid" in err
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["layer"] == layer and meta["attention"] is True and meta["methods"] == list(METHODS)
+    labels = ["input", "EigenCAM", "TSM", "MV-EigenCAM", "MTSM", "CLS attention"]
+    _assert_labelled(out / "a.png", labels)
+    rows = _rows(out / "metrics.csv")
+    assert {r["method"] for r in rows} == {*METHODS, "attention"}
+    assert all(-1.0 <= float(r["agreement_attention"]) <= 1.0 for r in rows if r["method"] != "attention")
+    assert "attention" in stdout
+
+    code, _, err = inproc(*args, "--out", tmp_path / "plain", "--no-attention")
+    assert code == 0, err
+    assert {r["method"] for r in _rows(tmp_path / "plain" / "metrics.csv")} == set(METHODS)
+    code, _, err = inproc(*args, "--out", tmp_path / "bad", "--token-grid", "5x5")
+    assert code == 2 and "tokens (1, 17, 16), which fit no patch grid" in err and "--token-grid HxW" in err
+    code, _, err = inproc(*args, "--out", tmp_path / "bad", "--token-grid", "5x5", "--layer", layer)
+    assert code == 2 and "17 tokens do not fit a 5x5 patch grid" in err and "Traceback" not in err
+
+    code, stdout, err = inproc("layers", env["ckpt_vit"], "--model", "tinymod:TinyViT", "--image-size", TILE)
+    assert code == 0, err
+    starred = [line for line in stdout.splitlines() if line.startswith("*")]
+    assert len(starred) == 1 and layer in starred[0] and "tokens 4x4" in starred[0]
+    assert "backbone.vit.conv_proj" in stdout  # listed, but not chosen
+
+
+def test_explain_torchvision_vit_arch(env: dict[str, Path], tmp_path: Path, inproc) -> None:
+    code, _, err = inproc(
+        "explain", "--arch", "vit_b_16", "--images", env["images"] / "a.png", "--out", tmp_path, "--methods", "tsm"
+    )
+    assert code == 0, err
+    assert "'encoder.layers.encoder_layer_11' (the last transformer block), tokens (1, 197, 768) as a 14x14" in err
+    assert "random weights" in err
+    _assert_labelled(tmp_path / "a.png", ["input", "TSM", "CLS attention"], tile=224)
 
 
 def test_output_folder_protection(env: dict[str, Path], tmp_path: Path, inproc) -> None:

@@ -114,6 +114,14 @@ def test_blocks_model_with_registers_and_a_non_square_grid():
     assert explain(model, images, layer="blocks.2")["tsm"].shape == (2, 16, 24)
 
 
+def test_discovery_never_falls_back_to_the_patch_embedding():
+    model = BlocksViT(grid=(4, 4))
+    with pytest.raises(
+        ValueError, match=r"last transformer block 'blocks.1' returns tokens \(1, 17, 16\), which fit no"
+    ):
+        find_layer(model, torch.randn(1, 3, 16, 16), token_grid=TokenGrid(grid=(5, 5)))
+
+
 def test_cnn_discovery_is_unchanged_by_the_transformer_rule():
     from helpers import SiameseNet
 

@@ -295,7 +295,8 @@ class LayerInfo:
         is_map: whether the output is a usable ``(B, C, h, w)`` map with ``h * w > 1``.
         grid: ``(h, w)`` of the map, or of the patch grid of ``(B, T, D)`` tokens (by the default grid rule of
             :mod:`tsm_lightning.tokens`); ``None`` if the output is neither.
-        tokens: whether the output is a ``(B, T, D)`` token sequence with a grid larger than 1x1.
+        tokens: whether the output is a floating ``(B, T, D)`` token sequence (``grid`` is ``None`` when it fits
+            no grid by the rule).
         block: whether the module is a member of a repeated-block container
             (:func:`tsm_lightning.tokens.repeated_blocks`).
     """
@@ -357,7 +358,7 @@ def layer_shapes(
             elif output.ndim == 3 and floating:
                 grid = token_grid_of(shape)
             large = grid is not None and grid[0] * grid[1] > 1
-            tokens = output.ndim == 3 and large
+            tokens = output.ndim == 3 and floating
             seen.append(LayerInfo(name, shape, output.ndim == 4 and large, grid, tokens, name in blocks))
 
         return hook
@@ -380,30 +381,34 @@ def layer_shapes(
 def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
     """The automatic choice among the layers :func:`layer_shapes` saw, and a sentence describing it.
 
-    For a vision transformer (some output is a token sequence on a grid) the last transformer block to finish (a
-    member of a repeated-block container), else the last token output: never the patch embedding. Otherwise the
+    For a vision transformer (a member of a repeated-block container outputs tokens) the last transformer block to
+    finish, never the patch embedding. Otherwise the
     deepest (last to finish) map with both sides at least :data:`MIN_GRID`; failing that, at least
     :data:`FALLBACK_GRID`; failing that, the deepest map larger than 1x1. The sentence names the layer and its grid,
     and for a grid below :data:`MIN_GRID` says how to get a larger one.
 
     Raises:
-        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1 or tokens on such a grid.
+        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1, or the last transformer block's
+            tokens fit no grid.
     """
-    tokens = [info for info in infos if info.tokens and info.grid is not None]
-    if tokens:
-        blocks = [info for info in tokens if info.block]
-        chosen = (blocks or tokens)[-1]
-        h, w = chosen.grid  # type: ignore[misc]
-        what = "the last transformer block" if blocks else "the last token output"
-        text = f"{chosen.name!r} ({what}), tokens {chosen.shape} as a {h}x{w} grid"
+    blocks = [info for info in infos if info.tokens and info.block]
+    if blocks:
+        chosen = blocks[-1]
+        if chosen.grid is None or chosen.grid[0] * chosen.grid[1] <= 1:
+            raise ValueError(
+                f"The last transformer block {chosen.name!r} returns tokens {chosen.shape}, which fit no patch grid "
+                "larger than 1x1 by the token-grid rule; pass token_grid=TokenGrid(grid=(h, w), prefix_tokens=P) to "
+                "say where the patches are, or layer= to choose another layer."
+            )
+        h, w = chosen.grid
+        text = f"{chosen.name!r} (the last transformer block), tokens {chosen.shape} as a {h}x{w} grid"
         return chosen, text + _small_grid_advice(h, w, VIT_GRID_HINT)
     maps = [info for info in infos if info.is_map and info.grid is not None]
     if not maps:
         tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
         detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
         raise ValueError(
-            f"No layer outputs a (B, C, h, w) map larger than 1x1 or transformer tokens on a grid.{detail} "
-            f"{LARGER_GRID_HINT}"
+            f"No layer outputs a (B, C, h, w) map larger than 1x1 or transformer tokens.{detail} {LARGER_GRID_HINT}"
         )
     for minimum in (MIN_GRID, FALLBACK_GRID, 1):
         large = [info for info in maps if min(info.grid) >= minimum]  # type: ignore[arg-type]
