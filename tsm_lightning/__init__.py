@@ -22,7 +22,7 @@ _LAZY: dict[str, str] = {
     "METHODS": "tsm_lightning.constants",
     "SaliencyMonitor": "tsm_lightning.callbacks",
     "capture": "tsm_lightning.capture",
-    "find_layer": "tsm_lightning.capture",
+    "find_layer": "tsm_lightning.discovery",
     "eigencam": "tsm_lightning.core",
     "mtsm": "tsm_lightning.core",
     "multivec_eigencam": "tsm_lightning.core",
@@ -39,7 +39,7 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:  # what static tools see; at run time the names come from __getattr__
     from tsm_lightning.callbacks import SaliencyMonitor
-    from tsm_lightning.capture import capture, find_layer
+    from tsm_lightning.capture import capture
     from tsm_lightning.constants import METHODS
     from tsm_lightning.core import (
         eigencam,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names come from __ge
         tucker_saliency,
         upsample_maps,
     )
+    from tsm_lightning.discovery import find_layer
     from tsm_lightning.explain import attention_maps, explain
     from tsm_lightning.tokens import TokenGrid, tokens_to_grid
 

@@ -5,18 +5,17 @@
 ``training`` flag (a model with a frozen, eval-mode backbone stays that way). A transformer block's ``(B, T, D)``
 tokens are turned into a ``(B, D, h, w)`` map on the way (:mod:`tsm_lightning.tokens`: the grid read from the
 model's patch embedding in the same forward pass), and on request the class token's attention of one attention
-module is read in the same pass. :func:`find_layer` picks a layer automatically (:func:`choose_layer`): for a
-vision transformer the last block, else the deepest module whose output is a ``(B, C, h, w)`` map of at least
-:data:`MIN_GRID` x :data:`MIN_GRID`, else of at least :data:`FALLBACK_GRID` x :data:`FALLBACK_GRID`, else any map
-larger than 1x1, always saying which grid it got and, when it is small, how to get a larger one.
+module is read in the same pass. :func:`forward_target` is the package's one forward rule.
+
+Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`; its
+names are still importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import importlib
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,43 +30,44 @@ from tsm_lightning.tokens import (
     attention_rows,
     find_patch_embedding,
     patch_grid_hook,
-    repeated_blocks,
-    resolve_grid,
     to_feature_map,
 )
 
 __all__ = [
-    "FALLBACK_GRID",
-    "MIN_GRID",
     "Capture",
-    "LayerInfo",
-    "candidate_layers",
+    "ForwardFn",
     "capture",
     "check_feature_map",
-    "choose_layer",
-    "discover_layer",
-    "find_layer",
     "forward_target",
     "full_tensor",
     "get_layer",
-    "layer_shapes",
     "preserved_modes",
-    "search_root",
 ]
 
-ForwardFn = Callable[[nn.Module, Tensor], object]
-
-MIN_GRID = 7
-"""Automatic layer choice prefers the deepest map at least this many cells on each side (ResNet layer4 at 224 px)."""
-
-FALLBACK_GRID = 4
-"""Below :data:`MIN_GRID`, the deepest map at least this large is taken, with a warning."""
-
-LARGER_GRID_HINT = (
-    "For a larger grid feed larger images (a ResNet's layer4 is 7x7 at 224 px) or give the network a CIFAR-style "
-    "stem (3x3 stride-1 first convolution, no max-pool), or pass layer= to choose an earlier layer."
+_MOVED = frozenset(
+    {
+        "FALLBACK_GRID",
+        "MIN_GRID",
+        "LARGER_GRID_HINT",
+        "LayerInfo",
+        "candidate_layers",
+        "choose_layer",
+        "discover_layer",
+        "find_layer",
+        "layer_shapes",
+        "search_root",
+    }
 )
-VIT_GRID_HINT = "For a larger grid feed larger images or use a smaller patch size (grid = image size / patch size)."
+
+
+def __getattr__(name: str) -> object:
+    # Layer discovery moved to tsm_lightning.discovery; its names stay importable from here.
+    if name in _MOVED:
+        return getattr(importlib.import_module("tsm_lightning.discovery"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+ForwardFn = Callable[[nn.Module, Tensor], object]
 
 
 def _default_forward(model: nn.Module, images: Tensor) -> object:
@@ -139,18 +139,6 @@ def full_tensor(output: Tensor) -> Tensor:
         if dtensor is not None:
             return output.full_tensor() if isinstance(output, dtensor) else output
     return output  # DTensor was never imported, so no tensor can be one
-
-
-def search_root(model: nn.Module) -> tuple[str, nn.Module]:
-    """Where automatic layer discovery looks, as ``(prefix, root)``.
-
-    ``("backbone.", model.backbone)`` when that is a module, else ``("", model)``; a name found in ``root`` is
-    relative to ``model`` once prefixed.
-    """
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module):
-        return "backbone.", backbone
-    return "", model
 
 
 @contextmanager
@@ -283,213 +271,3 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A candidate layer seen during a forward pass.
-
-    Attributes:
-        name: dotted module name.
-        shape: output shape, or ``None`` if the output was not a tensor.
-        is_map: whether the output is a usable ``(B, C, h, w)`` map with ``h * w > 1``.
-        grid: ``(h, w)`` of the map, or of the patch grid of ``(B, T, D)`` tokens (by the default grid rule of
-            :mod:`tsm_lightning.tokens`); ``None`` if the output is neither.
-        tokens: whether the output is a floating ``(B, T, D)`` token sequence (``grid`` is ``None`` when it fits
-            no grid by the rule).
-        block: whether the module is a member of a repeated-block container
-            (:func:`tsm_lightning.tokens.repeated_blocks`).
-    """
-
-    name: str
-    shape: tuple[int, ...] | None
-    is_map: bool = field(default=False)
-    grid: tuple[int, int] | None = None
-    tokens: bool = False
-    block: bool = False
-
-
-def layer_shapes(
-    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
-) -> list[LayerInfo]:
-    """Run one forward pass and list every named sub-module's output shape, in the order modules finished.
-
-    The model is left exactly as it was (modes restored, hooks removed).
-
-    Args:
-        model: the network.
-        images: ``(B, 3, H, W)`` input batch.
-        forward_fn: ``forward_fn(model, images)``; defaults to ``model(images)``.
-        token_grid: a :class:`~tsm_lightning.tokens.TokenGrid` for the grids of token outputs (a callable is not
-            run here: token outputs then get the default rule).
-
-    Returns:
-        One :class:`LayerInfo` per module call, in completion order (the root module is excluded).
-    """
-    forward = forward_fn or _default_forward
-    seen: list[LayerInfo] = []
-    handles = []
-    blocks = {_strip_compile_prefix(name) for name in repeated_blocks(model)}
-    patch_grid: list[tuple[int, int]] = []
-    grid_rule = token_grid if token_grid is not None and not callable(token_grid) else None
-
-    def token_grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
-        try:
-            layout = resolve_grid(
-                shape[1],
-                grid=grid_rule.grid if grid_rule else None,
-                prefix_tokens=grid_rule.prefix_tokens if grid_rule else None,
-                patch_grid=patch_grid[0] if patch_grid else None,
-            )
-        except ValueError:
-            return None
-        return layout.h, layout.w
-
-    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if not isinstance(output, Tensor):
-                seen.append(LayerInfo(name, None, False))
-                return
-            shape = tuple(output.shape)
-            floating = output.is_floating_point()
-            grid = None
-            if output.ndim == 4 and floating:
-                grid = (shape[-2], shape[-1])
-            elif output.ndim == 3 and floating:
-                grid = token_grid_of(shape)
-            large = grid is not None and grid[0] * grid[1] > 1
-            tokens = output.ndim == 3 and floating
-            seen.append(LayerInfo(name, shape, output.ndim == 4 and large, grid, tokens, name in blocks))
-
-        return hook
-
-    try:
-        patch = find_patch_embedding(model)
-        if patch is not None:
-            handles.append(patch.register_forward_hook(patch_grid_hook(patch_grid)))
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(_strip_compile_prefix(name))))
-        with preserved_modes(model), torch.no_grad():
-            forward(model, images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
-    """The automatic choice among the layers :func:`layer_shapes` saw, and a sentence describing it.
-
-    For a vision transformer (a member of a repeated-block container outputs tokens) the last transformer block to
-    finish, never the patch embedding. Otherwise the
-    deepest (last to finish) map with both sides at least :data:`MIN_GRID`; failing that, at least
-    :data:`FALLBACK_GRID`; failing that, the deepest map larger than 1x1. The sentence names the layer and its grid,
-    and for a grid below :data:`MIN_GRID` says how to get a larger one.
-
-    Raises:
-        ValueError: if no layer outputs a ``(B, C, h, w)`` map larger than 1x1, or the last transformer block's
-            tokens fit no grid.
-    """
-    blocks = [info for info in infos if info.tokens and info.block]
-    if blocks:
-        chosen = blocks[-1]
-        if chosen.grid is None or chosen.grid[0] * chosen.grid[1] <= 1:
-            raise ValueError(
-                f"The last transformer block {chosen.name!r} returns tokens {chosen.shape}, which fit no patch grid "
-                "larger than 1x1 by the token-grid rule; pass token_grid=TokenGrid(grid=(h, w), prefix_tokens=P) to "
-                "say where the patches are, or layer= to choose another layer."
-            )
-        h, w = chosen.grid
-        text = f"{chosen.name!r} (the last transformer block), tokens {chosen.shape} as a {h}x{w} grid"
-        return chosen, text + _small_grid_advice(h, w, VIT_GRID_HINT)
-    maps = [info for info in infos if info.is_map and info.grid is not None]
-    if not maps:
-        tiny = [info for info in infos if info.shape is not None and len(info.shape) == 4]
-        detail = f" The last 4-D output was {tiny[-1].name!r} with shape {tiny[-1].shape}." if tiny else ""
-        raise ValueError(
-            f"No layer outputs a (B, C, h, w) map larger than 1x1 or transformer tokens.{detail} {LARGER_GRID_HINT}"
-        )
-    for minimum in (MIN_GRID, FALLBACK_GRID, 1):
-        large = [info for info in maps if min(info.grid) >= minimum]  # type: ignore[arg-type]
-        if large:
-            chosen = large[-1]
-            break
-    h, w = chosen.grid  # type: ignore[misc]
-    text = f"{chosen.name!r}, a {h}x{w} grid (output shape {chosen.shape})"
-    return chosen, text + _small_grid_advice(h, w, LARGER_GRID_HINT)
-
-
-def _small_grid_advice(h: int, w: int, hint: str) -> str:
-    if min(h, w) >= MIN_GRID:
-        return ""
-    return (
-        f". No layer gives a grid of at least {MIN_GRID}x{MIN_GRID} at this input size, and a {h}x{w} map can "
-        f"only show coarse blobs. {hint.rstrip('.')}"
-    )
-
-
-def find_layer(
-    model: nn.Module,
-    images: Tensor,
-    forward_fn: ForwardFn | None = None,
-    *,
-    warn: bool = True,
-    token_grid: TokenGridSpec = None,
-) -> str:
-    """Pick a layer automatically: a ViT's last block, else the deepest spatial map large enough to show something.
-
-    :func:`discover_layer` with a warning.
-
-    Args:
-        model: the network.
-        images: ``(B, 3, H, W)`` input batch of the size that will be explained.
-        forward_fn: ``forward_fn(model, images)``; default: search ``model.backbone`` when there is one, running
-            only it, else ``model`` (:func:`candidate_layers`).
-        warn: emit a ``UserWarning`` naming the chosen layer and its grid size.
-        token_grid: the grid rule for token outputs (:mod:`tsm_lightning.tokens`).
-
-    Returns:
-        The dotted module name.
-
-    Raises:
-        ValueError: if no module produces a spatial map (or tokens on a grid) at this input size.
-    """
-    try:
-        name, text = discover_layer(model, images, forward_fn, token_grid=token_grid)
-    except ValueError as err:
-        raise ValueError(f"{type(model).__name__}, inputs of shape {tuple(images.shape)}: {err}") from None
-    if warn:
-        warnings.warn(f"No layer given: using {text}. Pass layer= to choose another.", UserWarning, stacklevel=2)
-    return name
-
-
-def candidate_layers(
-    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
-) -> list[LayerInfo]:
-    """The module outputs one forward shows, named relative to ``model``, where the automatic choice looks.
-
-    With the forward rule (no ``forward_fn``): inside ``model.backbone`` when there is one (:func:`search_root`),
-    running only it; with ``forward_fn``: every module of ``model``, as ``forward_fn`` runs it.
-    """
-    if forward_fn is None:
-        prefix, root = search_root(model)
-        if root is not model:
-            infos = layer_shapes(root, images, token_grid=token_grid)
-            return [dataclasses.replace(info, name=prefix + info.name) for info in infos]
-    return layer_shapes(model, images, forward_fn, token_grid=token_grid)
-
-
-def discover_layer(
-    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None = None, *, token_grid: TokenGridSpec = None
-) -> tuple[str, str]:
-    """The automatic layer among :func:`candidate_layers`: ``(name, a sentence naming it with its grid)``.
-
-    The one layer search of the package (:func:`find_layer`, ``SaliencyMonitor`` and ``tsm-lightning`` use it); the
-    choice is :func:`choose_layer`'s, the warning the caller's.
-
-    Raises:
-        ValueError: if no module produces a spatial map (or tokens on a grid) at this input size.
-    """
-    chosen, text = choose_layer(candidate_layers(model, images, forward_fn, token_grid=token_grid))
-    return chosen.name, text

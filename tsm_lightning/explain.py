@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from tsm_lightning.capture import ForwardFn, find_layer
+from tsm_lightning.capture import ForwardFn
 from tsm_lightning.checks import check_images
 from tsm_lightning.constants import METHODS
 from tsm_lightning.core import normalize_maps, upsample_maps, validate_methods
+from tsm_lightning.discovery import find_layer
 from tsm_lightning.pipeline import attention_module, capture_features, explain_batch
 from tsm_lightning.tokens import TokenGridSpec, check_token_grid
 
@@ -40,7 +41,7 @@ def explain(
         images: ``(B, 3, H, W)`` batch, normalised as the model expects, on the model's device.
         layer: dotted module name (``"layer4"``, ``"backbone.7"``, ``"encoder.layers.encoder_layer_11"``);
             ``None`` picks a ViT's last block, else the deepest spatial layer of a useful size
-            (:func:`~tsm_lightning.capture.find_layer`), and warns which.
+            (:func:`~tsm_lightning.discovery.find_layer`), and warns which.
         methods: names from :data:`~tsm_lightning.METHODS`.
         forward_fn: ``forward_fn(model, images)``; default :func:`~tsm_lightning.capture.forward_target`'s rule:
             ``model.backbone(images)`` for a layer under ``backbone`` (or any dotted layer of a LightningModule: its

@@ -3,7 +3,7 @@
 :func:`~tsm_lightning.explain` (the library), :class:`~tsm_lightning.callbacks.SaliencyMonitor` (training) and
 ``tsm-lightning`` (checkpoints) all go through here; they differ only in what they do with the result (return the
 maps, log them, write them). One forward rule decides what runs (:func:`~tsm_lightning.capture.forward_target`),
-one layer search picks the layer when none is given (:func:`~tsm_lightning.capture.discover_layer`), and one
+one layer search picks the layer when none is given (:func:`~tsm_lightning.discovery.discover_layer`), and one
 decomposition per batch gives the maps and the spectral metrics alike.
 
 * :func:`capture_features`: the forward, under ``torch.no_grad()``, outside autocast, in eval mode with every
@@ -261,7 +261,7 @@ def explain_batch(
     Args:
         model: the network.
         images: ``(B, C, H, W)`` batch, normalised as the model expects, on the model's device.
-        layer: dotted module name (see :func:`~tsm_lightning.capture.discover_layer` to choose one).
+        layer: dotted module name (see :func:`~tsm_lightning.discovery.discover_layer` to choose one).
         methods: names from :data:`~tsm_lightning.METHODS`.
         forward_fn: ``forward_fn(model, images)``; default :func:`forward_rule`.
         num_components: components of the multivector methods (``None``: all).

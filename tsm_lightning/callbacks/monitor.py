@@ -21,10 +21,11 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
-from tsm_lightning.capture import candidate_layers, choose_layer, forward_target, get_layer, search_root
+from tsm_lightning.capture import forward_target, get_layer
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
+from tsm_lightning.discovery import candidate_layers, choose_layer, search_root
 from tsm_lightning.metrics import default_embed_fn
 from tsm_lightning.monitoring import (
     attention_head_pictures,

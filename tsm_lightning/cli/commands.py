@@ -1,7 +1,7 @@
 """The subcommands ``explain``, ``compare`` and ``layers``.
 
 Each batch of images goes through :func:`tsm_lightning.pipeline.explain_batch`, the path ``explain()`` and
-``SaliencyMonitor`` take; the layer search is :func:`tsm_lightning.capture.discover_layer`. torch and the rest of the
+``SaliencyMonitor`` take; the layer search is :func:`tsm_lightning.discovery.discover_layer`. torch and the rest of the
 library are imported when a command runs, not when the parser does.
 """
 
@@ -268,7 +268,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """``tsm-lightning layers``."""
     import torch
 
-    from tsm_lightning.capture import choose_layer
+    from tsm_lightning.discovery import choose_layer
 
     device = _check_device(args.device)
     loaded = load_model(args, args.checkpoint, required=False)

@@ -44,15 +44,15 @@ class Loaded:
     def discover_layer(self, images: Any) -> tuple[str, str]:
         """The layer auto-discovery picks and a sentence with its grid.
 
-        :func:`~tsm_lightning.capture.discover_layer`: the search ``SaliencyMonitor`` and ``explain`` use.
+        :func:`~tsm_lightning.discovery.discover_layer`: the search ``SaliencyMonitor`` and ``explain`` use.
         """
-        from tsm_lightning.capture import discover_layer
+        from tsm_lightning.discovery import discover_layer
 
         return discover_layer(self.model, images, token_grid=self.token_grid)
 
     def candidate_layers(self, images: Any) -> list[Any]:
         """The layers auto-discovery searches, with their output shapes, named relative to the model."""
-        from tsm_lightning.capture import candidate_layers
+        from tsm_lightning.discovery import candidate_layers
 
         return candidate_layers(self.model, images, token_grid=self.token_grid)
 
