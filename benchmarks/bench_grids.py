@@ -28,7 +28,7 @@ from tsm_lightning import METHODS, saliency_maps
 from tsm_lightning.core import spectral
 
 Shape = tuple[int, int, int]
-SHAPES: tuple[Shape, ...] = ((512, 14, 14), (256, 28, 28), (2048, 7, 7))
+SHAPES: tuple[Shape, ...] = ((512, 14, 14), (256, 28, 28), (768, 14, 14), (2048, 7, 7))  # (768, 14, 14): ViT-B/16
 QUICK_SHAPES: tuple[Shape, ...] = ((64, 8, 8), (16, 8, 8))
 BATCH, QUICK_BATCH = 64, 4
 GOAL_RATIO = 2.0

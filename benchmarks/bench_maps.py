@@ -32,7 +32,9 @@ from tsm_lightning import METHODS, saliency_maps
 
 Shape = tuple[int, int, int]
 
-SHAPES: tuple[Shape, ...] = ((2048, 7, 7), (512, 7, 7), (768, 7, 7), (512, 14, 14), (256, 28, 28))
+SHAPES: tuple[Shape, ...] = ((2048, 7, 7), (512, 7, 7), (768, 7, 7), (768, 14, 14), (512, 14, 14), (256, 28, 28))
+"""ResNet50 / ResNet18 ``layer4`` at 224 px, ViT-B/16 tokens at 112 and 224 px ``(768, 7, 7)``, ``(768, 14, 14)``,
+and the larger grids of smaller networks."""
 BATCHES: tuple[int, ...] = (1, 16, 64)
 QUICK_SHAPES: tuple[Shape, ...] = ((512, 7, 7), (128, 14, 14))
 QUICK_BATCHES: tuple[int, ...] = (1, 16)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_helpers import TinySimSiam, loader, trainer_kwargs
+from lightning_helpers import TinySimSiam, TinyViTSimSiam, loader, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tsm_lightning import METHODS, SaliencyMonitor
@@ -15,23 +15,30 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
 def _logged_tags(tmp_path) -> set[str]:
-    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
-    masks[:, 3:9, 4:12] = True
-    monitor = SaliencyMonitor(
-        torch.randn(4, 3, 16, 16),
-        masks=masks,
-        layer="backbone.5",
-        every_n_steps=2,
-        faithfulness_every_n_runs=1,
-        faithfulness_steps=2,
-        strict=True,
-    )
-    logger = TensorBoardLogger(tmp_path, name="readme")
-    seed_everything(0)
-    Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, logger=logger, max_steps=2)).fit(TinySimSiam(), loader())
-    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return set(acc.Tags()["images"]) | set(acc.Tags()["scalars"])
+    """Every tag of a real run on a CNN and on a vision transformer (which adds the attention map's tags)."""
+    tags: set[str] = set()
+    for name, model, extra in (
+        ("cnn", TinySimSiam(), {"layer": "backbone.5"}),
+        ("vit", TinyViTSimSiam(), {"attention_heads": True}),
+    ):
+        masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+        masks[:, 3:9, 4:12] = True
+        monitor = SaliencyMonitor(
+            torch.randn(4, 3, 16, 16),
+            masks=masks,
+            every_n_steps=2,
+            faithfulness_every_n_runs=1,
+            faithfulness_steps=2,
+            strict=True,
+            **extra,
+        )
+        logger = TensorBoardLogger(tmp_path, name=name)
+        seed_everything(0)
+        Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, logger=logger, max_steps=2)).fit(model, loader())
+        acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["images"]) | set(acc.Tags()["scalars"])
+    return tags
 
 
 def _expand(tag: str) -> list[str]:

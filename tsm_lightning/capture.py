@@ -44,26 +44,11 @@ __all__ = [
     "preserved_modes",
 ]
 
-_MOVED = frozenset(
-    {
-        "FALLBACK_GRID",
-        "MIN_GRID",
-        "LARGER_GRID_HINT",
-        "LayerInfo",
-        "candidate_layers",
-        "choose_layer",
-        "discover_layer",
-        "find_layer",
-        "layer_shapes",
-        "search_root",
-    }
-)
-
-
 def __getattr__(name: str) -> object:
-    # Layer discovery moved to tsm_lightning.discovery; its names stay importable from here.
-    if name in _MOVED:
-        return getattr(importlib.import_module("tsm_lightning.discovery"), name)
+    # Layer discovery moved to tsm_lightning.discovery; its public names stay importable from here.
+    discovery = importlib.import_module("tsm_lightning.discovery")
+    if name in discovery.__all__:
+        return getattr(discovery, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
