@@ -44,6 +44,7 @@ __all__ = [
     "preserved_modes",
 ]
 
+
 def __getattr__(name: str) -> object:
     # Layer discovery moved to tsm_lightning.discovery; its public names stay importable from here.
     discovery = importlib.import_module("tsm_lightning.discovery")
