@@ -114,6 +114,16 @@ def test_blocks_model_with_registers_and_a_non_square_grid():
     assert explain(model, images, layer="blocks.2")["tsm"].shape == (2, 16, 24)
 
 
+def test_grid_comes_from_the_patch_embedding_that_runs():
+    model = nn.Module()
+    model.teacher = BlocksViT(grid=(2, 3), patch_size=8)  # registered first, never called below
+    model.student = BlocksViT(grid=(4, 6), patch_size=4)
+    images = torch.randn(1, 3, 16, 24)
+    with capture(model, "student.blocks.1") as cap:
+        model.student(images)
+    assert cap.layout == (1, 4, 6)  # not the square rule's 5x5 of 25 tokens, nor the teacher's 2x3
+
+
 def test_discovery_never_falls_back_to_the_patch_embedding():
     model = BlocksViT(grid=(4, 4))
     with pytest.raises(

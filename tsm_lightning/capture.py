@@ -28,7 +28,7 @@ from tsm_lightning.tokens import (
     TokenGridSpec,
     TokenLayout,
     attention_rows,
-    find_patch_embedding,
+    find_patch_embeddings,
     patch_grid_hook,
     to_feature_map,
 )
@@ -246,9 +246,9 @@ def capture(
     holder = Capture(layer, feature_map=feature_map, token_grid=token_grid)
     handles = [module.register_forward_hook(holder._hook)]
     try:
-        patch = find_patch_embedding(model)
-        if patch is not None and feature_map:
-            handles.append(patch.register_forward_hook(patch_grid_hook(holder._patch_grid)))
+        if feature_map:
+            hook = patch_grid_hook(holder._patch_grid)
+            handles.extend(patch.register_forward_hook(hook) for patch in find_patch_embeddings(model))
         if attention is not None:
             target = get_layer(model, attention)
             handles.append(target.register_forward_pre_hook(holder._attention_hook, with_kwargs=True))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tsm_lightning.capture import ForwardFn, _default_forward, _strip_compile_prefix, preserved_modes
-from tsm_lightning.tokens import TokenGridSpec, find_patch_embedding, patch_grid_hook, repeated_blocks, resolve_grid
+from tsm_lightning.tokens import TokenGridSpec, find_patch_embeddings, patch_grid_hook, repeated_blocks, resolve_grid
 
 __all__ = [
     "FALLBACK_GRID",
@@ -137,9 +137,8 @@ def layer_shapes(
         return hook
 
     try:
-        patch = find_patch_embedding(model)
-        if patch is not None:
-            handles.append(patch.register_forward_hook(patch_grid_hook(patch_grid)))
+        hook = patch_grid_hook(patch_grid)
+        handles.extend(patch.register_forward_hook(hook) for patch in find_patch_embeddings(model))
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(make_hook(_strip_compile_prefix(name))))

@@ -8,9 +8,9 @@ feature map, to which every saliency method applies unchanged.
 **The grid rule** (:func:`resolve_grid`), in order:
 
 1. ``TokenGrid(grid=(h, w))``: the last ``h * w`` tokens are the patches;
-2. the model's own patch grid: the output size of its patch embedding (:func:`find_patch_embedding`, the first
-   ``Conv2d`` whose kernel equals its stride, e.g. torchvision's ``conv_proj``, timm's ``patch_embed.proj``), read
-   during the same forward pass; so non-square images give non-square grids;
+2. the model's own patch grid: the output size of its patch embedding (:func:`find_patch_embeddings`: a
+   ``Conv2d`` whose kernel equals its stride, e.g. torchvision's ``conv_proj``, timm's ``patch_embed.proj``; the
+   first of them to run), read during the same forward pass; so non-square images give non-square grids;
 3. a square: the largest ``s`` with ``s * s <= T`` and at most :data:`MAX_PREFIX_TOKENS` tokens left over.
 
 The ``P = T - h * w`` leading tokens are dropped; ``TokenGrid(prefix_tokens=P)`` states ``P`` instead (checked
@@ -43,7 +43,7 @@ __all__ = [
     "attention_rows",
     "check_token_grid",
     "find_attention",
-    "find_patch_embedding",
+    "find_patch_embeddings",
     "patch_attention",
     "patch_grid_hook",
     "repeated_blocks",
@@ -239,13 +239,19 @@ def _is_patch_embedding(module: nn.Module) -> bool:
     )
 
 
-def find_patch_embedding(model: nn.Module) -> nn.Module | None:
-    """The first ``Conv2d`` of ``model`` whose kernel equals its stride (> 1, no padding): a ViT's patch embedding."""
-    return next((m for m in model.modules() if _is_patch_embedding(m)), None)
+def find_patch_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Every ``Conv2d`` of ``model`` whose kernel equals its stride (> 1, no padding): a ViT's patch embedding.
+
+    A model may hold several (a student and a teacher network); the grid is read from the first one that runs.
+    """
+    return [m for m in model.modules() if _is_patch_embedding(m)]
 
 
 def patch_grid_hook(store: list[tuple[int, int]]) -> Callable[[nn.Module, object, object], None]:
-    """A forward hook that appends the ``(h, w)`` of a patch embedding's first ``(B, D, h, w)`` output to ``store``."""
+    """A forward hook that appends the ``(h, w)`` of the first ``(B, D, h, w)`` output it sees to an empty ``store``.
+
+    Registered on every patch embedding of a model, it keeps the grid of the first one to run.
+    """
 
     def hook(module: nn.Module, args: object, output: object) -> None:
         if not store and isinstance(output, Tensor) and output.ndim == 4:
