@@ -58,7 +58,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tsm_lightning.data.synthetic import (
+from tsm_lightning.data.base import (
     MaskedImages,
     _hsv_to_rgb,
     _normalize,
