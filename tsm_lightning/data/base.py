@@ -33,6 +33,7 @@ class MaskedImages(Dataset):
 
     A subclass sets ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in its ``__init__``
     (taking them in that order), and defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``.
+    One that draws many samples faster at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
     """
 
     num_samples: int
@@ -75,6 +76,26 @@ class MaskedImages(Dataset):
         """
         return _to_pil(self.render(index)[0])
 
+    def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
+
+        Args:
+            num_images: Number of images, at least 1.
+            offset: First index.
+            normalize: ImageNet-normalise the images (what a model trained with lightly's transforms expects);
+                if False they stay in ``[0, 1]``.
+
+        Returns:
+            ``(images, masks)``: float ``(n, 3, S, S)`` and bool ``(n, S, S)``, equal to ``dataset[i]`` (without
+            a transform) for each index.
+
+        Raises:
+            ValueError: If the requested range does not lie inside ``[0, len(self))``.
+        """
+        self._check_probe_range(num_images, offset)
+        images, masks = self._render_range(offset, offset + num_images)
+        return (_normalize(images) if normalize else images), masks
+
     def without_augmentation(self) -> MaskedImages:
         """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
 
@@ -91,6 +112,16 @@ class MaskedImages(Dataset):
         return type(self)(  # type: ignore[call-arg]
             num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize
         )
+
+    def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Samples ``start, ..., stop - 1`` as :meth:`render` draws them, for :meth:`probe`.
+
+        Returns:
+            ``(images, masks)``: float ``(n, 3, S, S)`` in ``[0, 1]`` and bool ``(n, S, S)``. The default stacks
+            ``render(i)``; a dataset that draws in batches overrides this, with the same result.
+        """
+        pairs = [self.render(i) for i in range(start, stop)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _check_probe_range(self, num_images: int, offset: int) -> None:
         if num_images < 1 or offset < 0 or offset + num_images > self.num_samples:

@@ -42,11 +42,11 @@ from tsm_lightning.data.base import (
     HELDOUT_SEED_OFFSET,
     MaskedImages,
     _hsv_to_rgb,
-    _normalize,
     sample_seed,
 )
 
 # Defined in tsm_lightning.data.base, importable from here as before.
+from tsm_lightning.data.base import _normalize as _normalize
 from tsm_lightning.data.base import _splitmix64 as _splitmix64
 from tsm_lightning.data.base import _to_pil as _to_pil
 
@@ -171,27 +171,6 @@ class SyntheticShapes(MaskedImages):
             IndexError: If ``index`` is out of range.
         """
         return self._draw(self._check_index(index), background=False)[2]
-
-    def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
-        """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
-
-        Args:
-            num_images: Number of images, at least 1.
-            offset: First index.
-            normalize: ImageNet-normalise the images (what a model trained with lightly's transforms expects);
-                if False they stay in ``[0, 1]``.
-
-        Returns:
-            ``(images, masks)``: float ``(n, 3, S, S)`` and bool ``(n, S, S)``.
-
-        Raises:
-            ValueError: If the requested range does not lie inside ``[0, len(self))``.
-        """
-        self._check_probe_range(num_images, offset)
-        pairs = [self.render(i) for i in range(offset, offset + num_images)]
-        images = torch.stack([p[0] for p in pairs])
-        masks = torch.stack([p[1] for p in pairs])
-        return (_normalize(images) if normalize else images), masks
 
     # ------------------------------------------------------------------------------------------------------ drawing
 

@@ -61,7 +61,6 @@ from torch.utils.data import Dataset
 from tsm_lightning.data.base import (
     MaskedImages,
     _hsv_to_rgb,
-    _normalize,
     _to_pil,
     sample_seed,
 )
@@ -257,32 +256,15 @@ class TexturedObjects(MaskedImages):
             noise_sigma=_flerp(r[_SHAPE_PARAMS], _NOISE_SIGMA),
         )
 
-    def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
-        """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
-
-        Args:
-            num_images: Number of images, at least 1.
-            offset: First index.
-            normalize: ImageNet-normalise the images (what a model trained with lightly's transforms expects);
-                if False they stay in ``[0, 1]``.
-
-        Returns:
-            ``(images, masks)``: float ``(n, 3, S, S)`` and bool ``(n, S, S)``, equal to ``dataset[i]`` (without
-            a transform) for each index.
-
-        Raises:
-            ValueError: If the requested range does not lie inside ``[0, len(self))``.
-        """
-        self._check_probe_range(num_images, offset)
-        chunks = []
-        for start in range(offset, offset + num_images, _CHUNK):  # bounded memory, same result as one batch
-            indices = list(range(start, min(start + _CHUNK, offset + num_images)))
-            chunks.append(self._render(indices, [self._canonical_clutter_seed(i) for i in indices]))
-        images = torch.cat([c[0] for c in chunks])
-        masks = torch.cat([c[1] for c in chunks])
-        return (_normalize(images) if normalize else images), masks
-
     # ------------------------------------------------------------------------------------------------------ drawing
+
+    def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Samples ``start, ..., stop - 1`` with their canonical clutter, drawn in batches of ``_CHUNK``."""
+        chunks = []
+        for first in range(start, stop, _CHUNK):  # bounded memory, same result as one batch
+            indices = list(range(first, min(first + _CHUNK, stop)))
+            chunks.append(self._render(indices, [self._canonical_clutter_seed(i) for i in indices]))
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
     def _canonical_clutter_seed(self, index: int) -> int:
         return sample_seed(sample_seed(self.seed, index), _CLUTTER_STREAM)
