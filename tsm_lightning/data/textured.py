@@ -260,11 +260,8 @@ class TexturedObjects(MaskedImages):
 
     def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Samples ``start, ..., stop - 1`` with their canonical clutter, drawn in batches of ``_CHUNK``."""
-        chunks = []
-        for first in range(start, stop, _CHUNK):  # bounded memory, same result as one batch
-            indices = list(range(first, min(first + _CHUNK, stop)))
-            chunks.append(self._render(indices, [self._canonical_clutter_seed(i) for i in indices]))
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        indices = list(range(start, stop))
+        return self._render_chunked(indices, [self._canonical_clutter_seed(i) for i in indices])
 
     def _canonical_clutter_seed(self, index: int) -> int:
         return sample_seed(sample_seed(self.seed, index), _CLUTTER_STREAM)
@@ -331,6 +328,14 @@ class TexturedObjects(MaskedImages):
             image = torch.where(masks[:, k], pixels[:, k], image)
 
         return (image + sigma[:, None, None, None] * torch.stack(noises)).clamp(0.0, 1.0)
+
+    def _render_chunked(self, indices: list[int], clutter_seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """:meth:`_render` in calls of at most ``_CHUNK`` images: bounded memory, the same result as one call."""
+        chunks = [
+            self._render(indices[start : start + _CHUNK], clutter_seeds[start : start + _CHUNK])
+            for start in range(0, len(indices), _CHUNK)
+        ]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
     def _render(self, indices: list[int], clutter_seeds: list[int]) -> tuple[Tensor, Tensor]:
         """Composite ``(B, 3, S, S)`` images and ``(B, S, S)`` masks: object ``indices[b]`` over clutter ``b``."""
@@ -447,21 +452,11 @@ class BackgroundSwapViews(Dataset):
             seeds = torch.randint(0, 2**63 - 1, (len(rows), k), dtype=torch.int64).tolist()
             flat_rows = [i for i in rows for _ in range(k)]
             flat_seeds = [seed for row in seeds for seed in row]
-            composites = torch.cat(
-                [
-                    self.dataset._render(flat_rows[start : start + _CHUNK], flat_seeds[start : start + _CHUNK])[0]
-                    for start in range(0, len(flat_rows), _CHUNK)
-                ]
-            )
+            composites = self.dataset._render_chunked(flat_rows, flat_seeds)[0]
             composites = composites.reshape(len(rows), k, *composites.shape[1:])
         else:
             canonical = [self.dataset._canonical_clutter_seed(i) for i in rows]
-            images = torch.cat(
-                [
-                    self.dataset._render(rows[start : start + _CHUNK], canonical[start : start + _CHUNK])[0]
-                    for start in range(0, len(rows), _CHUNK)
-                ]
-            )
+            images = self.dataset._render_chunked(rows, canonical)[0]
             composites = images[:, None].expand(-1, k, -1, -1, -1)
         return [
             ([t(_to_pil(c)) for t, c in zip(self.transforms, views, strict=True)], i)
