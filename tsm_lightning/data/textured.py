@@ -23,7 +23,8 @@ of a centre prior about 0.2 -- against 1.0 and 0.77 for the colour and edge maps
 
 Every sample is a pure function of ``(seed, index)``, drawn with private ``torch.Generator`` s (the global random
 state is never touched): one stream for the object, one for its canonical clutter. The drawing itself is batched
-torch: all objects, distractors and gratings of a batch of images are rendered in a few tensor operations.
+torch: all objects, distractors and gratings of a batch of images are rendered in a few tensor operations
+(:mod:`tsm_lightning.data._texture_drawing`, which also defines :data:`OBJECT_SHAPES` and :data:`TEXTURES`).
 
 **Background swap** (:class:`BackgroundSwapViews`). For self-supervised training, the views of sample ``i`` share
 the object's exact pixels and position, but each view gets freshly drawn clutter; each composite is then
@@ -33,7 +34,8 @@ CVPR 2021; Zhao et al., "Distilling Localization for Self-Supervised Representat
 Ryali et al., "Characterizing and Improving the Robustness of Self-Supervised Learning through Background
 Augmentations", 2021): what the views have in common is the object, so a contrastive model learns the object
 rather than the clutter. Without it (``swap=False``, every view of a sample cut from the same image), a model
-trained on this data learns the clutter instead.
+trained on this data learns the clutter instead. :class:`BackgroundSwapViews` and its default per-view transform
+:func:`view_augmentation` are defined in :mod:`tsm_lightning.data.views` and importable from here.
 
 Held-out convention: a training set uses ``seed=s`` (default 0); its held-out evaluation set is
 ``TexturedObjects(num_samples=256, seed=s + HELDOUT_SEED_OFFSET)``, also returned by
@@ -57,11 +59,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from tsm_lightning.data.base import (
-    MaskedImages,
-    _hsv_to_rgb,
-    sample_seed,
+from tsm_lightning.data._texture_drawing import (
+    _SHAPE_PARAMS,
+    _SHARPNESS,
+    OBJECT_SHAPES,
+    TEXTURES,
+    _draw_shapes,
+    _flerp,
+    _gratings,
+    _lerp,
+    _random_colours,
+    _shape_table,
 )
+from tsm_lightning.data.base import MaskedImages, sample_seed
 from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
 __all__ = [
@@ -72,12 +82,6 @@ __all__ = [
     "TexturedObjects",
     "view_augmentation",
 ]
-
-OBJECT_SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring")
-"""Shapes of the object and of the distractors, each chosen with equal probability."""
-
-TEXTURES: tuple[str, ...] = ("checkerboard", "stripes", "rings")
-"""Two-colour textures of the object and of the distractors, each chosen with equal probability."""
 
 NUM_DISTRACTORS: int = 4
 """Small, finely textured distractor shapes in the clutter of every image."""
@@ -92,8 +96,6 @@ _OBJECT_CENTER = (0.05, 0.95)  # the object's centre is uniform in this square (
 _OBJECT_PERIOD = (0.1, 0.18)  # texture periods: the object's scale lies between the distractors' and the grating's
 _DISTRACTOR_PERIOD = (0.035, 0.06)
 _GRATING_PERIOD = (0.3, 0.6)
-_SHARPNESS = (1.0, 4.0)  # edge sharpness k of the texture profile clamp(0.5 + 0.5 k s, 0, 1)
-_RING_INNER = (0.4, 0.6)  # inner / outer radius of a ring shape
 _NOISE_SIGMA = (0.02, 0.05)  # pixel noise, the same level inside and outside the object
 _NOISE_CELLS = 4  # the smooth colour noise is a bicubic upsampling of a 4 x 4 grid of colours
 _BLEND_CELLS = 3  # each grating covers the regions where a 3 x 3 random field exceeds a threshold
@@ -102,9 +104,7 @@ _BLEND_SLOPE = 8.0  # softness of a grating patch's edge: weight = clamp(0.5 + s
 _CHUNK = 64  # images rendered per batched call (bounds the memory of the per-shape grids)
 _CLUTTER_STREAM = 0x636C7574746572  # mixes the canonical clutter's seed out of the object's
 
-# Layout of the uniform numbers drawn per shape (object or distractor): see _draw_shapes.
-_SHAPE_PARAMS = 18
-# Layout of the uniform numbers drawn per grating: see _gratings.
+# Layout of the uniform numbers drawn per grating: see _texture_drawing._gratings.
 _GRATING_PARAMS = 11 + _BLEND_CELLS**2
 
 
@@ -307,7 +307,7 @@ class TexturedObjects(MaskedImages):
         # Patches of colour gratings: stripes with the textures' colours, periods and profile, blended in where a
         # smooth random field exceeds a threshold.
         gu = u[:, n_cells : n_cells + n_gratings].reshape(b * NUM_GRATINGS, _GRATING_PARAMS)
-        grating = _gratings(gu, self._coords)  # (BG, 3, S, S)
+        grating = _gratings(gu, self._coords, _GRATING_PERIOD)  # (BG, 3, S, S)
         field = gu[:, _GRATING_PARAMS - _BLEND_CELLS**2 :].reshape(-1, 1, _BLEND_CELLS, _BLEND_CELLS)
         field = F.interpolate(field, size=(s, s), mode="bicubic", align_corners=True)
         threshold = _lerp(gu[:, 9], _GRATING_THRESHOLD)[:, None, None, None]
@@ -343,157 +343,3 @@ class TexturedObjects(MaskedImages):
         pixels, masks, sigma = pixels[rows], masks[rows], sigma[rows]
         clutter = self._clutter(clutter_seeds, sigma)
         return torch.where(masks[:, None], pixels, clutter), masks
-
-
-# ---------------------------------------------------------------------------------------------------- batched maths
-#
-# Determinism across batch composition: a sample must come out bit-identical whether it is drawn alone or in a
-# batch. Elementwise transcendental kernels (sin, tanh, ...) may round differently in their vectorised body and
-# their scalar tail, whose split depends on the tensor's size, so the per-pixel maths below uses only +, -, *, /,
-# sqrt, floor, abs, comparisons and clamps (exact in IEEE arithmetic, whatever the code path); trigonometry is done
-# once per shape, in Python floats. Textures are triangle waves, not sines.
-
-
-def _lerp(u: Tensor, bounds: tuple[float, float]) -> Tensor:
-    return bounds[0] + (bounds[1] - bounds[0]) * u
-
-
-def _flerp(u: float, bounds: tuple[float, float]) -> float:
-    return bounds[0] + (bounds[1] - bounds[0]) * u
-
-
-def _random_colours(u: Tensor) -> Tensor:
-    """The one colour distribution of the dataset: ``(..., 3)`` uniforms to ``(..., 3)`` RGB in ``[0, 1]``.
-
-    Hue uniform, saturation in ``[0.2, 1]``, value in ``[0.25, 1]``. Objects, distractors, gratings and the colour
-    noise all draw from it, so colour alone never tells the object apart.
-    """
-    hsv = torch.stack([u[..., 0], _lerp(u[..., 1], (0.2, 1.0)), _lerp(u[..., 2], (0.25, 1.0))], dim=-1)
-    return _hsv_to_rgb(hsv)
-
-
-def _wave(x: Tensor) -> Tensor:
-    """Triangle wave of period 1 in ``[-1, 1]``: 1 at integers, -1 at half-integers."""
-    return 1.0 - 4.0 * (x - torch.floor(x) - 0.5).abs()
-
-
-def _profile(signal: Tensor, sharpness: Tensor) -> Tensor:
-    """Two-colour texture profile ``clamp(0.5 + 0.5 k s, 0, 1)`` from a signal ``s`` in ``[-1, 1]``.
-
-    ``k = 1`` leaves the triangle wave's soft ramps, larger ``k`` gives nearly square waves with short ramps.
-    """
-    return (0.5 + 0.5 * sharpness * signal).clamp(0.0, 1.0)
-
-
-def _paint(profile: Tensor, colours: Tensor) -> Tensor:
-    """``(N, 1, S, S)`` profile and ``(N, 2, 3)`` colours to ``(N, 3, S, S)`` pixels."""
-    c0, c1 = colours[:, 0, :, None, None], colours[:, 1, :, None, None]
-    return c0 + (c1 - c0) * profile
-
-
-# Columns of the table _shape_table builds, one row per shape.
-_COLUMNS = (
-    "kind", "texture", "cy", "cx", "cos", "sin", "r2_out", "r2_in", "half", "tri_d",
-    "tri_c0", "tri_s0", "tri_c1", "tri_s1", "tri_c2", "tri_s2",
-    "tex_c", "tex_s", "inv_period", "phase", "phase2", "sharpness",
-)  # fmt: skip
-_COL = {name: k for k, name in enumerate(_COLUMNS)}
-
-
-def _shape_table(
-    u: Tensor, area: tuple[float, float], center: tuple[float, float], periods: tuple[float, float]
-) -> tuple[Tensor, Tensor]:
-    """Per-shape geometry from ``(N, _SHAPE_PARAMS)`` uniforms, computed in Python floats.
-
-    Layout of ``u``: kind, texture, area, cy, cx, angle, ring inner ratio, period, texture angle, phase, second
-    phase, sharpness, then two colours (6 numbers).
-
-    Returns:
-        ``(table, colours)``: float32 ``(N, len(_COLUMNS))`` (see ``_COLUMNS``) and RGB ``(N, 2, 3)``.
-    """
-    rows = []
-    for r in u.tolist():
-        kind = min(int(r[0] * len(OBJECT_SHAPES)), len(OBJECT_SHAPES) - 1)
-        texture = min(int(r[1] * len(TEXTURES)), len(TEXTURES) - 1)
-        a = _flerp(r[2], area)
-        angle, inner, period = 2 * math.pi * r[5], _flerp(r[6], _RING_INNER), _flerp(r[7], periods)
-        if OBJECT_SHAPES[kind] == "ring":  # pi R^2 (1 - rho^2) = area
-            r2_out = a / (math.pi * (1 - inner**2))
-            r2_in = inner**2 * r2_out
-        else:
-            r2_out, r2_in = a / math.pi, -1.0
-        circumradius = math.sqrt(4 * a / (3 * math.sqrt(3)))  # equilateral triangle: area = 3 sqrt(3) / 4 R^2
-        thirds = [angle + 2 * math.pi * j / 3 for j in range(3)]  # normals of the sides, 120 degrees apart
-        tex_angle = math.pi * r[8]
-        rows.append(
-            [
-                kind, texture, _flerp(r[3], center), _flerp(r[4], center), math.cos(angle), math.sin(angle),
-                r2_out, r2_in, math.sqrt(a) / 2, circumradius / 2,
-                math.cos(thirds[0]), math.sin(thirds[0]), math.cos(thirds[1]), math.sin(thirds[1]),
-                math.cos(thirds[2]), math.sin(thirds[2]),
-                math.cos(tex_angle) / period, math.sin(tex_angle) / period, 1 / period, r[9], r[10],
-                _flerp(r[11], _SHARPNESS),
-            ]
-        )  # fmt: skip
-    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(_COLUMNS))
-    return table, _random_colours(u[:, 12:18].reshape(-1, 2, 3))
-
-
-def _draw_shapes(shapes: tuple[Tensor, Tensor], coords: Tensor) -> tuple[Tensor, Tensor]:
-    """Textured shapes, batched: pixels ``(N, 3, S, S)`` in ``[0, 1]`` and exact bool masks ``(N, S, S)``.
-
-    Every shape kind and texture is evaluated for all ``N`` shapes and the drawn one selected, so a batch of mixed
-    kinds costs a few dozen elementwise operations.
-
-    Args:
-        shapes: ``(table, colours)`` from :func:`_shape_table`.
-        coords: ``(S,)`` pixel centres in ``(0, 1)``.
-    """
-    table, colours = shapes
-    col = {name: table[:, k, None, None] for name, k in _COL.items()}  # each (N, 1, 1)
-    dx = coords[None, None, :] - col["cx"]  # (N, 1, S)
-    dy = coords[None, :, None] - col["cy"]  # (N, S, 1)
-    r2 = dx * dx + dy * dy  # (N, S, S)
-    u = col["cos"] * dx + col["sin"] * dy
-    v = col["cos"] * dy - col["sin"] * dx
-
-    round_ = (r2 <= col["r2_out"]) & (r2 >= col["r2_in"])  # disc (r2_in = -1) and ring
-    square = (u.abs() <= col["half"]) & (v.abs() <= col["half"])
-    triangle = (col["tri_c0"] * dx + col["tri_s0"] * dy <= col["tri_d"]) & (
-        col["tri_c1"] * dx + col["tri_s1"] * dy <= col["tri_d"]
-    )
-    triangle = triangle & (col["tri_c2"] * dx + col["tri_s2"] * dy <= col["tri_d"])
-    kind = col["kind"]
-    masks = torch.where(
-        kind == OBJECT_SHAPES.index("square"),
-        square,
-        torch.where(kind == OBJECT_SHAPES.index("triangle"), triangle, round_),
-    )
-
-    along = _wave(col["tex_c"] * dx + col["tex_s"] * dy + col["phase"])
-    across = _wave(col["tex_c"] * dy - col["tex_s"] * dx + col["phase2"])
-    rings = _wave(torch.sqrt(r2) * col["inv_period"] + col["phase"])
-    texture = col["texture"]
-    signal = torch.where(
-        texture == TEXTURES.index("checkerboard"),
-        along * across,
-        torch.where(texture == TEXTURES.index("stripes"), along, rings),
-    )
-    return _paint(_profile(signal, col["sharpness"])[:, None], colours), masks
-
-
-def _gratings(u: Tensor, coords: Tensor) -> Tensor:
-    """Full-image colour gratings ``(N, 3, S, S)`` from ``(N, _GRATING_PARAMS)`` uniforms.
-
-    Layout of ``u``: two colours (6 numbers), period, direction, phase, blend threshold, sharpness, then the blend
-    field's cells (the caller uses the threshold and the cells). Period, profile and colours follow the textures'
-    distributions.
-    """
-    rows = []
-    for r in u[:, :11].tolist():
-        period, angle = _flerp(r[6], _GRATING_PERIOD), math.pi * r[7]
-        rows.append([math.cos(angle) / period, math.sin(angle) / period, r[8], _flerp(r[10], _SHARPNESS)])
-    p = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)[:, :, None, None]  # (N, 4, 1, 1)
-    x, y = coords[None, None, :], coords[None, :, None]
-    signal = _wave(p[:, 0] * x + p[:, 1] * y + p[:, 2])  # (N, S, S)
-    return _paint(_profile(signal, p[:, 3])[:, None], _random_colours(u[:, :6].reshape(-1, 2, 3)))
