@@ -31,9 +31,10 @@ HELDOUT_SEED_OFFSET: int = 1_000_000
 class MaskedImages(Dataset):
     """What the built-in datasets share: indexing, the ``(x, mask)`` sample, the probe and the held-out set.
 
-    A subclass sets ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in its ``__init__``
-    (taking them in that order), and defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``.
-    One that draws many samples faster at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
+    A subclass's ``__init__`` takes ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in
+    that order, checks the first three against its own limits and passes all five on to this ``__init__``; it
+    defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``. One that draws many samples faster
+    at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
     """
 
     num_samples: int
@@ -41,6 +42,22 @@ class MaskedImages(Dataset):
     seed: int
     transform: Callable[[Image.Image], Any] | None
     normalize: bool
+
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int,
+        seed: int,
+        transform: Callable[[Image.Image], Any] | None,
+        normalize: bool,
+    ) -> None:
+        if transform is not None and not callable(transform):
+            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
+        self.num_samples = num_samples
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+        self.normalize = normalize
 
     def render(self, index: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - every subclass defines it
         """Draw sample ``index``: ``(image, mask)``."""

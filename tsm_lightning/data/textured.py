@@ -175,13 +175,7 @@ class TexturedObjects(MaskedImages):
             raise ValueError(f"`image_size` must be an int >= 32 (textures need room to be drawn), got {image_size!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
-        self.num_samples = num_samples
-        self.image_size = image_size
-        self.seed = seed
-        self.transform = transform
-        self.normalize = normalize
+        super().__init__(num_samples, image_size, seed, transform, normalize)
         self._coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
 
     # ------------------------------------------------------------------------------------------------ public helpers
