@@ -8,8 +8,13 @@
   ``(views, index)``.
 * :class:`ImageFolder` -- a flat or nested folder of real photos, returning ``(image_or_views, index)``.
 * :func:`find_image_files`, :func:`load_images` -- file, folder and glob handling shared with the CLI.
+
+Modules: ``base`` (what the two synthetic datasets share: indexing, the sample, the probe, the held-out set,
+:func:`sample_seed`), ``synthetic``, ``textured`` (with its private batched drawing, ``_texture_drawing``),
+``views`` (:class:`BackgroundSwapViews`, :func:`view_augmentation`) and ``folder``.
 """
 
+from tsm_lightning.data.base import HELDOUT_SEED_OFFSET, sample_seed
 from tsm_lightning.data.folder import (
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -19,15 +24,9 @@ from tsm_lightning.data.folder import (
     open_rgb,
     resize_center_crop,
 )
-from tsm_lightning.data.synthetic import HELDOUT_SEED_OFFSET, SHAPES, SyntheticObject, SyntheticShapes, sample_seed
-from tsm_lightning.data.textured import (
-    OBJECT_SHAPES,
-    TEXTURES,
-    BackgroundSwapViews,
-    TexturedObject,
-    TexturedObjects,
-    view_augmentation,
-)
+from tsm_lightning.data.synthetic import SHAPES, SyntheticObject, SyntheticShapes
+from tsm_lightning.data.textured import OBJECT_SHAPES, TEXTURES, TexturedObject, TexturedObjects
+from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",

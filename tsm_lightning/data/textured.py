@@ -23,7 +23,8 @@ of a centre prior about 0.2 -- against 1.0 and 0.77 for the colour and edge maps
 
 Every sample is a pure function of ``(seed, index)``, drawn with private ``torch.Generator`` s (the global random
 state is never touched): one stream for the object, one for its canonical clutter. The drawing itself is batched
-torch: all objects, distractors and gratings of a batch of images are rendered in a few tensor operations.
+torch: all objects, distractors and gratings of a batch of images are rendered in a few tensor operations
+(:mod:`tsm_lightning.data._texture_drawing`, which also defines :data:`OBJECT_SHAPES` and :data:`TEXTURES`).
 
 **Background swap** (:class:`BackgroundSwapViews`). For self-supervised training, the views of sample ``i`` share
 the object's exact pixels and position, but each view gets freshly drawn clutter; each composite is then
@@ -33,7 +34,8 @@ CVPR 2021; Zhao et al., "Distilling Localization for Self-Supervised Representat
 Ryali et al., "Characterizing and Improving the Robustness of Self-Supervised Learning through Background
 Augmentations", 2021): what the views have in common is the object, so a contrastive model learns the object
 rather than the clutter. Without it (``swap=False``, every view of a sample cut from the same image), a model
-trained on this data learns the clutter instead.
+trained on this data learns the clutter instead. :class:`BackgroundSwapViews` and its default per-view transform
+:func:`view_augmentation` are defined in :mod:`tsm_lightning.data.views` and importable from here.
 
 Held-out convention: a training set uses ``seed=s`` (default 0); its held-out evaluation set is
 ``TexturedObjects(num_samples=256, seed=s + HELDOUT_SEED_OFFSET)``, also returned by
@@ -56,16 +58,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from tsm_lightning.data.synthetic import (
-    MaskedImages,
-    _hsv_to_rgb,
-    _normalize,
-    _to_pil,
-    sample_seed,
+from tsm_lightning.data._texture_drawing import (
+    _SHAPE_PARAMS,
+    _SHARPNESS,
+    OBJECT_SHAPES,
+    TEXTURES,
+    _draw_shapes,
+    _flerp,
+    _gratings,
+    _lerp,
+    _random_colours,
+    _shape_table,
 )
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.data.base import MaskedImages, sample_seed
+from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
 __all__ = [
     "OBJECT_SHAPES",
@@ -75,12 +82,6 @@ __all__ = [
     "TexturedObjects",
     "view_augmentation",
 ]
-
-OBJECT_SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring")
-"""Shapes of the object and of the distractors, each chosen with equal probability."""
-
-TEXTURES: tuple[str, ...] = ("checkerboard", "stripes", "rings")
-"""Two-colour textures of the object and of the distractors, each chosen with equal probability."""
 
 NUM_DISTRACTORS: int = 4
 """Small, finely textured distractor shapes in the clutter of every image."""
@@ -95,8 +96,6 @@ _OBJECT_CENTER = (0.05, 0.95)  # the object's centre is uniform in this square (
 _OBJECT_PERIOD = (0.1, 0.18)  # texture periods: the object's scale lies between the distractors' and the grating's
 _DISTRACTOR_PERIOD = (0.035, 0.06)
 _GRATING_PERIOD = (0.3, 0.6)
-_SHARPNESS = (1.0, 4.0)  # edge sharpness k of the texture profile clamp(0.5 + 0.5 k s, 0, 1)
-_RING_INNER = (0.4, 0.6)  # inner / outer radius of a ring shape
 _NOISE_SIGMA = (0.02, 0.05)  # pixel noise, the same level inside and outside the object
 _NOISE_CELLS = 4  # the smooth colour noise is a bicubic upsampling of a 4 x 4 grid of colours
 _BLEND_CELLS = 3  # each grating covers the regions where a 3 x 3 random field exceeds a threshold
@@ -105,9 +104,7 @@ _BLEND_SLOPE = 8.0  # softness of a grating patch's edge: weight = clamp(0.5 + s
 _CHUNK = 64  # images rendered per batched call (bounds the memory of the per-shape grids)
 _CLUTTER_STREAM = 0x636C7574746572  # mixes the canonical clutter's seed out of the object's
 
-# Layout of the uniform numbers drawn per shape (object or distractor): see _draw_shapes.
-_SHAPE_PARAMS = 18
-# Layout of the uniform numbers drawn per grating: see _gratings.
+# Layout of the uniform numbers drawn per grating: see _texture_drawing._gratings.
 _GRATING_PARAMS = 11 + _BLEND_CELLS**2
 
 
@@ -178,13 +175,7 @@ class TexturedObjects(MaskedImages):
             raise ValueError(f"`image_size` must be an int >= 32 (textures need room to be drawn), got {image_size!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
-        self.num_samples = num_samples
-        self.image_size = image_size
-        self.seed = seed
-        self.transform = transform
-        self.normalize = normalize
+        super().__init__(num_samples, image_size, seed, transform, normalize)
         self._coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
 
     # ------------------------------------------------------------------------------------------------ public helpers
@@ -257,32 +248,12 @@ class TexturedObjects(MaskedImages):
             noise_sigma=_flerp(r[_SHAPE_PARAMS], _NOISE_SIGMA),
         )
 
-    def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
-        """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
-
-        Args:
-            num_images: Number of images, at least 1.
-            offset: First index.
-            normalize: ImageNet-normalise the images (what a model trained with lightly's transforms expects);
-                if False they stay in ``[0, 1]``.
-
-        Returns:
-            ``(images, masks)``: float ``(n, 3, S, S)`` and bool ``(n, S, S)``, equal to ``dataset[i]`` (without
-            a transform) for each index.
-
-        Raises:
-            ValueError: If the requested range does not lie inside ``[0, len(self))``.
-        """
-        self._check_probe_range(num_images, offset)
-        chunks = []
-        for start in range(offset, offset + num_images, _CHUNK):  # bounded memory, same result as one batch
-            indices = list(range(start, min(start + _CHUNK, offset + num_images)))
-            chunks.append(self._render(indices, [self._canonical_clutter_seed(i) for i in indices]))
-        images = torch.cat([c[0] for c in chunks])
-        masks = torch.cat([c[1] for c in chunks])
-        return (_normalize(images) if normalize else images), masks
-
     # ------------------------------------------------------------------------------------------------------ drawing
+
+    def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Samples ``start, ..., stop - 1`` with their canonical clutter, drawn in batches of ``_CHUNK``."""
+        indices = list(range(start, stop))
+        return self._render_chunked(indices, [self._canonical_clutter_seed(i) for i in indices])
 
     def _canonical_clutter_seed(self, index: int) -> int:
         return sample_seed(sample_seed(self.seed, index), _CLUTTER_STREAM)
@@ -330,7 +301,7 @@ class TexturedObjects(MaskedImages):
         # Patches of colour gratings: stripes with the textures' colours, periods and profile, blended in where a
         # smooth random field exceeds a threshold.
         gu = u[:, n_cells : n_cells + n_gratings].reshape(b * NUM_GRATINGS, _GRATING_PARAMS)
-        grating = _gratings(gu, self._coords)  # (BG, 3, S, S)
+        grating = _gratings(gu, self._coords, _GRATING_PERIOD)  # (BG, 3, S, S)
         field = gu[:, _GRATING_PARAMS - _BLEND_CELLS**2 :].reshape(-1, 1, _BLEND_CELLS, _BLEND_CELLS)
         field = F.interpolate(field, size=(s, s), mode="bicubic", align_corners=True)
         threshold = _lerp(gu[:, 9], _GRATING_THRESHOLD)[:, None, None, None]
@@ -350,6 +321,14 @@ class TexturedObjects(MaskedImages):
 
         return (image + sigma[:, None, None, None] * torch.stack(noises)).clamp(0.0, 1.0)
 
+    def _render_chunked(self, indices: list[int], clutter_seeds: list[int]) -> tuple[Tensor, Tensor]:
+        """:meth:`_render` in calls of at most ``_CHUNK`` images: bounded memory, the same result as one call."""
+        chunks = [
+            self._render(indices[start : start + _CHUNK], clutter_seeds[start : start + _CHUNK])
+            for start in range(0, len(indices), _CHUNK)
+        ]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
     def _render(self, indices: list[int], clutter_seeds: list[int]) -> tuple[Tensor, Tensor]:
         """Composite ``(B, 3, S, S)`` images and ``(B, S, S)`` masks: object ``indices[b]`` over clutter ``b``."""
         unique = sorted(set(indices))
@@ -358,339 +337,3 @@ class TexturedObjects(MaskedImages):
         pixels, masks, sigma = pixels[rows], masks[rows], sigma[rows]
         clutter = self._clutter(clutter_seeds, sigma)
         return torch.where(masks[:, None], pixels, clutter), masks
-
-
-class BackgroundSwapViews(Dataset):
-    """Multi-view wrapper for self-supervised training: the views share the object, each over fresh clutter.
-
-    Sample ``i`` gives ``K`` views. With ``swap=True`` (the default) each view is the object of
-    ``dataset[i]`` -- its exact pixels, at its exact position -- pasted over clutter drawn afresh for that view
-    (a copy-paste / background augmentation, see the module docstring); with ``swap=False`` every view starts from
-    the same image ``dataset.render(i)``, as in ordinary self-supervised pipelines. Each composite is then
-    converted to a ``PIL.Image`` and passed through its view transform (random-resized crop, flip, colour jitter,
-    grayscale, normalisation: :func:`view_augmentation` by default, or lightly's per-view transforms).
-
-    Like any augmentation, the fresh clutter is random: its seeds are drawn from torch's global RNG (one
-    ``torch.randint`` per sample), which Lightning's ``seed_everything(workers=True)`` and the ``DataLoader``
-    seed per worker, so a seeded run is reproducible and workers draw different clutter. The wrapped dataset itself
-    never touches the global RNG.
-
-    Args:
-        dataset: The :class:`TexturedObjects` providing objects and clutter (its own ``transform`` is not used).
-        transform: One view transform for every view, or a sequence of per-view transforms (for example
-            ``lightly.transforms.SimCLRTransform(input_size=64).transforms``; SwAV's multi-crop works the same way).
-            Each receives an RGB ``PIL.Image`` and returns a ``(3, h, w)`` tensor. Default:
-            ``view_augmentation(dataset.image_size)``.
-        num_views: Number of views ``K`` when ``transform`` is a single callable (default 2). With a sequence of
-            transforms, ``K`` is its length and ``num_views`` must be None or equal to it.
-        swap: Draw fresh clutter for every view (True) or reuse the sample's canonical clutter (False).
-
-    Raises:
-        ValueError: If ``dataset`` cannot render swapped views, a transform is not callable, or ``num_views`` is
-            not a positive int or disagrees with the number of transforms.
-
-    ``views, index = wrapper[i]``: ``views`` is a list of ``K`` tensors, ``index`` the int ``i``. No mask is
-    returned: the views are cropped and flipped, so the dataset's mask would not describe them; use
-    ``dataset.probe(n)`` or ``dataset.held_out().probe(n)`` for images with masks. Collates with the default
-    ``DataLoader`` collate function into ``([(B, 3, h, w)] * K, (B,) indices)``, the batch layout lightly's
-    examples unpack as ``(x0, x1), _ = batch``.
-    """
-
-    def __init__(
-        self,
-        dataset: TexturedObjects,
-        transform: Callable[[Image.Image], Tensor] | Sequence[Callable[[Image.Image], Tensor]] | None = None,
-        num_views: int | None = None,
-        swap: bool = True,
-    ) -> None:
-        if not callable(getattr(dataset, "render_views", None)) or not callable(getattr(dataset, "render", None)):
-            raise ValueError(
-                f"`dataset` must provide render() and render_views() (a TexturedObjects), got {type(dataset).__name__}."
-            )
-        if num_views is not None and (not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1):
-            raise ValueError(f"`num_views` must be an int >= 1 or None, got {num_views!r}.")
-        if transform is None:
-            transform = view_augmentation(dataset.image_size)
-        if callable(transform):
-            transforms = [transform] * (2 if num_views is None else num_views)
-        elif isinstance(transform, Sequence) and not isinstance(transform, str) and len(transform) > 0:
-            transforms = list(transform)
-            if not all(callable(t) for t in transforms):
-                bad = next(type(t).__name__ for t in transforms if not callable(t))
-                raise ValueError(f"every per-view transform must be callable, got a {bad}.")
-            if num_views is not None and num_views != len(transforms):
-                raise ValueError(f"`num_views`={num_views} disagrees with the {len(transforms)} per-view transforms.")
-        else:
-            raise ValueError(
-                "`transform` must be a callable, a non-empty sequence of callables or None, "
-                f"got {type(transform).__name__}."
-            )
-        self.dataset = dataset
-        self.transforms = transforms
-        self.swap = bool(swap)
-
-    @property
-    def num_views(self) -> int:
-        """Number of views ``K`` per sample."""
-        return len(self.transforms)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.dataset!r}, num_views={self.num_views}, swap={self.swap})"
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[list[Tensor], int]:
-        """Views of sample ``index`` and the index: ``([K tensors (3, h, w)], index)``, see the class docstring.
-
-        Raises:
-            IndexError: If ``index`` is out of range.
-        """
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[list[Tensor], int]]:
-        """``[self[i] for i in indices]``, with the objects and clutter of the whole batch drawn in batched calls.
-
-        ``DataLoader``'s default fetcher calls this with a batch's indices. The random draws differ from calling
-        ``__getitem__`` in a loop (all clutter seeds first, then the transforms), but are just as reproducible.
-
-        Raises:
-            IndexError: If an index is out of range.
-        """
-        rows = [self.dataset._check_index(i) for i in indices]
-        if not rows:
-            return []
-        k = self.num_views
-        if self.swap:
-            seeds = torch.randint(0, 2**63 - 1, (len(rows), k), dtype=torch.int64).tolist()
-            flat_rows = [i for i in rows for _ in range(k)]
-            flat_seeds = [seed for row in seeds for seed in row]
-            composites = torch.cat(
-                [
-                    self.dataset._render(flat_rows[start : start + _CHUNK], flat_seeds[start : start + _CHUNK])[0]
-                    for start in range(0, len(flat_rows), _CHUNK)
-                ]
-            )
-            composites = composites.reshape(len(rows), k, *composites.shape[1:])
-        else:
-            canonical = [self.dataset._canonical_clutter_seed(i) for i in rows]
-            images = torch.cat(
-                [
-                    self.dataset._render(rows[start : start + _CHUNK], canonical[start : start + _CHUNK])[0]
-                    for start in range(0, len(rows), _CHUNK)
-                ]
-            )
-            composites = images[:, None].expand(-1, k, -1, -1, -1)
-        return [
-            ([t(_to_pil(c)) for t, c in zip(self.transforms, views, strict=True)], i)
-            for views, i in zip(composites, rows, strict=True)
-        ]
-
-
-def view_augmentation(
-    image_size: int,
-    min_scale: float = 0.25,
-    jitter: float = 0.4,
-    jitter_prob: float = 0.8,
-    grayscale_prob: float = 0.2,
-    normalize: bool = True,
-) -> Callable[[Image.Image | Tensor], Tensor]:
-    """SimCLR-style per-view augmentation built from torchvision's v2 transforms.
-
-    Random-resized crop to ``image_size`` (scale ``[min_scale, 1]``), horizontal flip, colour jitter (brightness,
-    contrast and saturation ``jitter``, hue ``jitter / 4``) with probability ``jitter_prob``, grayscale with
-    probability ``grayscale_prob``, then float conversion and ImageNet normalisation. No blur: at 64 px it would
-    erase the textures.
-
-    Args:
-        image_size: Output side, pixels (at least 1).
-        min_scale: Smallest crop area as a fraction of the image, in ``(0, 1]``.
-        jitter: Colour jitter strength, at least 0.
-        jitter_prob: Probability of colour jitter, in ``[0, 1]``.
-        grayscale_prob: Probability of grayscale conversion, in ``[0, 1]``.
-        normalize: ImageNet-normalise (True) or leave values in ``[0, 1]``.
-
-    Returns:
-        A callable mapping an RGB ``PIL.Image`` (or a ``(3, H, W)`` uint8/float tensor) to a float
-        ``(3, image_size, image_size)`` tensor. It draws from torch's global RNG, like every torchvision transform.
-
-    Raises:
-        ValueError: If an argument is out of range.
-    """
-    from torchvision.transforms import v2
-
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"`image_size` must be an int >= 1, got {image_size!r}.")
-    if not 0.0 < min_scale <= 1.0:
-        raise ValueError(f"`min_scale` must lie in (0, 1], got {min_scale!r}.")
-    if jitter < 0:
-        raise ValueError(f"`jitter` must be >= 0, got {jitter!r}.")
-    for name, p in (("jitter_prob", jitter_prob), ("grayscale_prob", grayscale_prob)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"`{name}` must lie in [0, 1], got {p!r}.")
-    steps: list[Callable] = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, min(0.5, jitter / 4))], p=jitter_prob),
-        v2.RandomGrayscale(p=grayscale_prob),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
-    if normalize:
-        steps.append(v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
-    steps.append(v2.ToPureTensor())
-    return v2.Compose(steps)
-
-
-# ---------------------------------------------------------------------------------------------------- batched maths
-#
-# Determinism across batch composition: a sample must come out bit-identical whether it is drawn alone or in a
-# batch. Elementwise transcendental kernels (sin, tanh, ...) may round differently in their vectorised body and
-# their scalar tail, whose split depends on the tensor's size, so the per-pixel maths below uses only +, -, *, /,
-# sqrt, floor, abs, comparisons and clamps (exact in IEEE arithmetic, whatever the code path); trigonometry is done
-# once per shape, in Python floats. Textures are triangle waves, not sines.
-
-
-def _lerp(u: Tensor, bounds: tuple[float, float]) -> Tensor:
-    return bounds[0] + (bounds[1] - bounds[0]) * u
-
-
-def _flerp(u: float, bounds: tuple[float, float]) -> float:
-    return bounds[0] + (bounds[1] - bounds[0]) * u
-
-
-def _random_colours(u: Tensor) -> Tensor:
-    """The one colour distribution of the dataset: ``(..., 3)`` uniforms to ``(..., 3)`` RGB in ``[0, 1]``.
-
-    Hue uniform, saturation in ``[0.2, 1]``, value in ``[0.25, 1]``. Objects, distractors, gratings and the colour
-    noise all draw from it, so colour alone never tells the object apart.
-    """
-    hsv = torch.stack([u[..., 0], _lerp(u[..., 1], (0.2, 1.0)), _lerp(u[..., 2], (0.25, 1.0))], dim=-1)
-    return _hsv_to_rgb(hsv)
-
-
-def _wave(x: Tensor) -> Tensor:
-    """Triangle wave of period 1 in ``[-1, 1]``: 1 at integers, -1 at half-integers."""
-    return 1.0 - 4.0 * (x - torch.floor(x) - 0.5).abs()
-
-
-def _profile(signal: Tensor, sharpness: Tensor) -> Tensor:
-    """Two-colour texture profile ``clamp(0.5 + 0.5 k s, 0, 1)`` from a signal ``s`` in ``[-1, 1]``.
-
-    ``k = 1`` leaves the triangle wave's soft ramps, larger ``k`` gives nearly square waves with short ramps.
-    """
-    return (0.5 + 0.5 * sharpness * signal).clamp(0.0, 1.0)
-
-
-def _paint(profile: Tensor, colours: Tensor) -> Tensor:
-    """``(N, 1, S, S)`` profile and ``(N, 2, 3)`` colours to ``(N, 3, S, S)`` pixels."""
-    c0, c1 = colours[:, 0, :, None, None], colours[:, 1, :, None, None]
-    return c0 + (c1 - c0) * profile
-
-
-# Columns of the table _shape_table builds, one row per shape.
-_COLUMNS = (
-    "kind", "texture", "cy", "cx", "cos", "sin", "r2_out", "r2_in", "half", "tri_d",
-    "tri_c0", "tri_s0", "tri_c1", "tri_s1", "tri_c2", "tri_s2",
-    "tex_c", "tex_s", "inv_period", "phase", "phase2", "sharpness",
-)  # fmt: skip
-_COL = {name: k for k, name in enumerate(_COLUMNS)}
-
-
-def _shape_table(
-    u: Tensor, area: tuple[float, float], center: tuple[float, float], periods: tuple[float, float]
-) -> tuple[Tensor, Tensor]:
-    """Per-shape geometry from ``(N, _SHAPE_PARAMS)`` uniforms, computed in Python floats.
-
-    Layout of ``u``: kind, texture, area, cy, cx, angle, ring inner ratio, period, texture angle, phase, second
-    phase, sharpness, then two colours (6 numbers).
-
-    Returns:
-        ``(table, colours)``: float32 ``(N, len(_COLUMNS))`` (see ``_COLUMNS``) and RGB ``(N, 2, 3)``.
-    """
-    rows = []
-    for r in u.tolist():
-        kind = min(int(r[0] * len(OBJECT_SHAPES)), len(OBJECT_SHAPES) - 1)
-        texture = min(int(r[1] * len(TEXTURES)), len(TEXTURES) - 1)
-        a = _flerp(r[2], area)
-        angle, inner, period = 2 * math.pi * r[5], _flerp(r[6], _RING_INNER), _flerp(r[7], periods)
-        if OBJECT_SHAPES[kind] == "ring":  # pi R^2 (1 - rho^2) = area
-            r2_out = a / (math.pi * (1 - inner**2))
-            r2_in = inner**2 * r2_out
-        else:
-            r2_out, r2_in = a / math.pi, -1.0
-        circumradius = math.sqrt(4 * a / (3 * math.sqrt(3)))  # equilateral triangle: area = 3 sqrt(3) / 4 R^2
-        thirds = [angle + 2 * math.pi * j / 3 for j in range(3)]  # normals of the sides, 120 degrees apart
-        tex_angle = math.pi * r[8]
-        rows.append(
-            [
-                kind, texture, _flerp(r[3], center), _flerp(r[4], center), math.cos(angle), math.sin(angle),
-                r2_out, r2_in, math.sqrt(a) / 2, circumradius / 2,
-                math.cos(thirds[0]), math.sin(thirds[0]), math.cos(thirds[1]), math.sin(thirds[1]),
-                math.cos(thirds[2]), math.sin(thirds[2]),
-                math.cos(tex_angle) / period, math.sin(tex_angle) / period, 1 / period, r[9], r[10],
-                _flerp(r[11], _SHARPNESS),
-            ]
-        )  # fmt: skip
-    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(_COLUMNS))
-    return table, _random_colours(u[:, 12:18].reshape(-1, 2, 3))
-
-
-def _draw_shapes(shapes: tuple[Tensor, Tensor], coords: Tensor) -> tuple[Tensor, Tensor]:
-    """Textured shapes, batched: pixels ``(N, 3, S, S)`` in ``[0, 1]`` and exact bool masks ``(N, S, S)``.
-
-    Every shape kind and texture is evaluated for all ``N`` shapes and the drawn one selected, so a batch of mixed
-    kinds costs a few dozen elementwise operations.
-
-    Args:
-        shapes: ``(table, colours)`` from :func:`_shape_table`.
-        coords: ``(S,)`` pixel centres in ``(0, 1)``.
-    """
-    table, colours = shapes
-    col = {name: table[:, k, None, None] for name, k in _COL.items()}  # each (N, 1, 1)
-    dx = coords[None, None, :] - col["cx"]  # (N, 1, S)
-    dy = coords[None, :, None] - col["cy"]  # (N, S, 1)
-    r2 = dx * dx + dy * dy  # (N, S, S)
-    u = col["cos"] * dx + col["sin"] * dy
-    v = col["cos"] * dy - col["sin"] * dx
-
-    round_ = (r2 <= col["r2_out"]) & (r2 >= col["r2_in"])  # disc (r2_in = -1) and ring
-    square = (u.abs() <= col["half"]) & (v.abs() <= col["half"])
-    triangle = (col["tri_c0"] * dx + col["tri_s0"] * dy <= col["tri_d"]) & (
-        col["tri_c1"] * dx + col["tri_s1"] * dy <= col["tri_d"]
-    )
-    triangle = triangle & (col["tri_c2"] * dx + col["tri_s2"] * dy <= col["tri_d"])
-    kind = col["kind"]
-    masks = torch.where(
-        kind == OBJECT_SHAPES.index("square"),
-        square,
-        torch.where(kind == OBJECT_SHAPES.index("triangle"), triangle, round_),
-    )
-
-    along = _wave(col["tex_c"] * dx + col["tex_s"] * dy + col["phase"])
-    across = _wave(col["tex_c"] * dy - col["tex_s"] * dx + col["phase2"])
-    rings = _wave(torch.sqrt(r2) * col["inv_period"] + col["phase"])
-    texture = col["texture"]
-    signal = torch.where(
-        texture == TEXTURES.index("checkerboard"),
-        along * across,
-        torch.where(texture == TEXTURES.index("stripes"), along, rings),
-    )
-    return _paint(_profile(signal, col["sharpness"])[:, None], colours), masks
-
-
-def _gratings(u: Tensor, coords: Tensor) -> Tensor:
-    """Full-image colour gratings ``(N, 3, S, S)`` from ``(N, _GRATING_PARAMS)`` uniforms.
-
-    Layout of ``u``: two colours (6 numbers), period, direction, phase, blend threshold, sharpness, then the blend
-    field's cells (the caller uses the threshold and the cells). Period, profile and colours follow the textures'
-    distributions.
-    """
-    rows = []
-    for r in u[:, :11].tolist():
-        period, angle = _flerp(r[6], _GRATING_PERIOD), math.pi * r[7]
-        rows.append([math.cos(angle) / period, math.sin(angle) / period, r[8], _flerp(r[10], _SHARPNESS)])
-    p = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)[:, :, None, None]  # (N, 4, 1, 1)
-    x, y = coords[None, None, :], coords[None, :, None]
-    signal = _wave(p[:, 0] * x + p[:, 1] * y + p[:, 2])  # (N, S, S)
-    return _paint(_profile(signal, p[:, 3])[:, None], _random_colours(u[:, :6].reshape(-1, 2, 3)))

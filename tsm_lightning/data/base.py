@@ -1,0 +1,207 @@
+"""What the built-in synthetic datasets share: the :class:`MaskedImages` base class and its helpers.
+
+* :class:`MaskedImages` -- indexing, the ``(x, mask)`` sample, the PIL view, the probe batch, the held-out set;
+  :class:`~tsm_lightning.data.SyntheticShapes` and :class:`~tsm_lightning.data.TexturedObjects` derive from it and
+  only validate their arguments and draw.
+* :func:`sample_seed` -- the SplitMix64 mix of ``(seed, index)`` that seeds each sample's private generator.
+* :data:`HELDOUT_SEED_OFFSET` -- the held-out convention: a training set with seed ``s`` is evaluated on seed
+  ``s + HELDOUT_SEED_OFFSET``.
+* Private pixel helpers both datasets use: HSV to RGB, ImageNet normalisation, tensor to ``PIL.Image``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["HELDOUT_SEED_OFFSET", "MaskedImages", "sample_seed"]
+
+HELDOUT_SEED_OFFSET: int = 1_000_000
+"""The held-out set of a training set with seed ``s`` uses seed ``s + HELDOUT_SEED_OFFSET``."""
+
+
+class MaskedImages(Dataset):
+    """What the built-in datasets share: indexing, the ``(x, mask)`` sample, the probe and the held-out set.
+
+    A subclass's ``__init__`` takes ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in
+    that order, checks the first three against its own limits and passes all five on to this ``__init__``; it
+    defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``. One that draws many samples faster
+    at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
+    """
+
+    num_samples: int
+    image_size: int
+    seed: int
+    transform: Callable[[Image.Image], Any] | None
+    normalize: bool
+
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int,
+        seed: int,
+        transform: Callable[[Image.Image], Any] | None,
+        normalize: bool,
+    ) -> None:
+        if transform is not None and not callable(transform):
+            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
+        self.num_samples = num_samples
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+        self.normalize = normalize
+
+    def render(self, index: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - every subclass defines it
+        """Draw sample ``index``: ``(image, mask)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
+            f"transform={self.transform!r}, normalize={self.normalize})"
+        )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        """Sample ``index``: ``(x, mask)``, see the class docstring.
+
+        Raises:
+            IndexError: If ``index`` is out of range (negative indices count from the end).
+        """
+        image, mask = self.render(index)
+        if self.transform is not None:
+            return self.transform(_to_pil(image)), mask
+        if self.normalize:
+            image = _normalize(image)
+        return image, mask
+
+    def pil(self, index: int) -> Image.Image:
+        """Sample ``index`` as an ``S x S`` RGB ``PIL.Image`` (what a transform receives).
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        return _to_pil(self.render(index)[0])
+
+    def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
+
+        Args:
+            num_images: Number of images, at least 1.
+            offset: First index.
+            normalize: ImageNet-normalise the images (what a model trained with lightly's transforms expects);
+                if False they stay in ``[0, 1]``.
+
+        Returns:
+            ``(images, masks)``: float ``(n, 3, S, S)`` and bool ``(n, S, S)``, equal to ``dataset[i]`` (without
+            a transform) for each index.
+
+        Raises:
+            ValueError: If the requested range does not lie inside ``[0, len(self))``.
+        """
+        self._check_probe_range(num_images, offset)
+        images, masks = self._render_range(offset, offset + num_images)
+        return (_normalize(images) if normalize else images), masks
+
+    def without_augmentation(self) -> MaskedImages:
+        """The same samples without the transform, ImageNet-normalised, so that each mask describes its image.
+
+        :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
+        to an augmented view (cropped, flipped) does not describe that view.
+        """
+        return type(self)(self.num_samples, self.image_size, self.seed, None, True)  # type: ignore[call-arg]
+
+    def held_out(self, num_samples: int = 256) -> MaskedImages:
+        """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
+
+        It has no transform and the same ``normalize`` setting.
+        """
+        return type(self)(  # type: ignore[call-arg]
+            num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize
+        )
+
+    def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Samples ``start, ..., stop - 1`` as :meth:`render` draws them, for :meth:`probe`.
+
+        Returns:
+            ``(images, masks)``: float ``(n, 3, S, S)`` in ``[0, 1]`` and bool ``(n, S, S)``. The default stacks
+            ``render(i)``; a dataset that draws in batches overrides this, with the same result.
+        """
+        pairs = [self.render(i) for i in range(start, stop)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _check_probe_range(self, num_images: int, offset: int) -> None:
+        if num_images < 1 or offset < 0 or offset + num_images > self.num_samples:
+            raise ValueError(
+                f"probe range [{offset}, {offset + num_images}) must be non-empty and inside [0, {self.num_samples}) "
+                f"(the dataset has {self.num_samples} samples)."
+            )
+
+    def _check_index(self, index: int) -> int:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an int, got {type(index).__name__}.") from None
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {index} is out of range for {type(self).__name__} of length {self.num_samples}.")
+        return i
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of the private generator that draws sample ``index`` of the dataset with seed ``seed``.
+
+    A SplitMix64 mix of both numbers (stable across Python processes, unlike ``hash``), so neighbouring indices
+    and neighbouring seeds give unrelated streams.
+
+    Args:
+        seed: Dataset seed (any int; taken modulo 2**64).
+        index: Sample index (any int; taken modulo 2**64).
+
+    Returns:
+        An int in ``[0, 2**64)``, suitable for ``torch.Generator().manual_seed``.
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
+
+
+def _hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """``(..., 3)`` HSV in ``[0, 1]`` to ``(..., 3)`` RGB in ``[0, 1]``."""
+    h, s, v = hsv.unbind(-1)
+    n = torch.tensor([5.0, 3.0, 1.0])
+    k = (n + h[..., None] * 6) % 6
+    ramp = torch.minimum(torch.minimum(k, 4 - k), torch.ones_like(k)).clamp(min=0)
+    return v[..., None] - v[..., None] * s[..., None] * ramp
+
+
+def _normalize(images: Tensor) -> Tensor:
+    """ImageNet-normalise ``(..., 3, H, W)`` images in ``[0, 1]``."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype)[:, None, None]
+    return (images - mean) / std
+
+
+def _to_pil(image: Tensor) -> Image.Image:
+    """Float ``(3, H, W)`` in ``[0, 1]`` to an RGB ``PIL.Image`` (rounded to 8 bits)."""
+    array = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array)
