@@ -1,7 +1,9 @@
 """Plumbing shared by the SSL examples: arguments, backbone, data, Trainer with SaliencyMonitor.
 
-Each example (``simclr.py``, ``moco_v2.py``, ``swav.py``, ``barlow_twins.py``, ``vicreg.py``) only defines its
-LightningModule and its lightly transform, then calls :func:`run`.
+Each example (``simclr.py``, ``moco_v2.py``, ``swav.py``, ``barlow_twins.py``, ``vicreg.py``, ``dino_vit.py``) only
+defines its LightningModule and its lightly transform, then calls :func:`run`. ``dino_vit.py`` builds its own
+backbone (a small Vision Transformer) and passes its monitored layer to :func:`run`; the rest of this page is about
+the ResNet backbones of the others.
 
 Backbone and layer. The backbone is lightly's layout, ``nn.Sequential(*list(resnet18.children())[:-1])``, so
 ``backbone.4`` .. ``backbone.7`` are ResNet's ``layer1`` .. ``layer4`` and ``backbone.8`` the global pool. A
@@ -173,8 +175,14 @@ def probe(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.stack([folder[i][0] for i in range(min(args.probe_size, len(folder)))]), None
 
 
-def run(model: LightningModule, transform: Callable, args: argparse.Namespace, name: str) -> Path:
-    """Train ``model`` with SaliencyMonitor attached; write TensorBoard logs and a checkpoint; say where."""
+def run(
+    model: LightningModule, transform: Callable, args: argparse.Namespace, name: str, layer: str | None = None
+) -> Path:
+    """Train ``model`` with SaliencyMonitor attached; write TensorBoard logs and a checkpoint; say where.
+
+    The monitored layer is ``--layer`` if given, else ``layer`` (an example whose backbone is not a ResNet names
+    its own, e.g. a ViT's last encoder block), else :func:`default_layer`.
+    """
     seed_everything(args.seed, workers=True)
     loader = DataLoader(
         train_dataset(args, transform),
@@ -185,7 +193,7 @@ def run(model: LightningModule, transform: Callable, args: argparse.Namespace, n
         persistent_workers=args.num_workers > 0,
     )
     images, masks = probe(args)
-    layer = args.layer or default_layer(args.stem, args.image_size)
+    layer = args.layer or layer or default_layer(args.stem, args.image_size)
     monitor = SaliencyMonitor(
         images, masks=masks, layer=layer, every_n_steps=args.every_n_steps, display_images=8, image_size=96
     )

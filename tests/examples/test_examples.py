@@ -22,7 +22,7 @@ def _images(log_dir: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco_v2", "swav", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "swav", "barlow_twins", "vicreg", "dino_vit"])
 def test_example_trains_and_logs(name, tmp_path, capsys):
     module = importlib.import_module(name)
     module.main([*TINY, "--output", str(tmp_path)])
