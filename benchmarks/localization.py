@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _describe(hparams: dict) -> str:
-    if "patch_size" in hparams:
-        return f"ViT, patch {hparams['patch_size']}"
+    if "num_heads" in hparams:  # the ViT example
+        return f"ViT, {hparams['num_layers']} blocks of width {hparams['hidden_dim']}"
     return f"{hparams.get('arch', 'resnet18')}, {hparams.get('stem', 'imagenet')} stem"
 
 

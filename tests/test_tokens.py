@@ -212,6 +212,16 @@ def test_attention_maps_of_a_torchvision_vit_match_the_blocks_own_weights():
     torch.testing.assert_close(explanation.maps["attention"], normalised, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_is_the_monitored_networks_not_a_teachers():
+    model = nn.Module()
+    model.backbone = tiny_vit(num_layers=2)
+    model.teacher_backbone = tiny_vit(num_layers=2)  # registered after the student, never called
+    layer = "backbone.encoder.layers.encoder_layer_1"
+    assert attention_module(model, layer) == "backbone.encoder.layers.encoder_layer_1.self_attention"
+    maps = explain(model, torch.randn(2, 3, 16, 16), layer=layer, forward_fn=lambda m, x: m.backbone(x))
+    assert "attention" in maps
+
+
 def test_attention_needs_a_class_token_and_a_readable_module():
     model = BlocksViT(grid=(4, 4), class_token=False)
     images = torch.randn(1, 3, 16, 16)

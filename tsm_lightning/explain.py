@@ -120,7 +120,7 @@ def attention_maps(
     check_token_grid(token_grid)
     if layer is None:
         layer = find_layer(model, images, forward_fn, token_grid=token_grid, warn=False)
-    name = attention_module(model, layer, True, forward_fn)
+    name = attention_module(model, layer, True)
     captured = capture_features(
         model, images, layer, forward_fn=forward_fn, token_grid=token_grid, attention=name, attention_required=True
     )

@@ -72,30 +72,30 @@ class Captured(NamedTuple):
     attention: Tensor | None = None
 
 
-def attention_module(
-    model: nn.Module, layer: str, attention: bool | None = None, forward_fn: ForwardFn | None = None
-) -> str | None:
+def attention_module(model: nn.Module, layer: str, attention: bool | None = None) -> str | None:
     """The attention module whose class-token attention goes beside the maps of ``layer``, named relative to ``model``.
 
-    The last supported attention module (:func:`~tsm_lightning.tokens.find_attention`) of what the forward runs
-    (:func:`~tsm_lightning.capture.forward_target`, or ``model`` with a ``forward_fn``).
+    The last supported attention module (:func:`~tsm_lightning.tokens.find_attention`) of the network that holds
+    ``layer``: the top-level child of ``model`` named by the layer's first part (``model.backbone`` for
+    ``"backbone.encoder.layers.encoder_layer_11"``, so a DINO teacher registered next to it is never chosen), or
+    ``model`` for a name directly under it.
 
     Args:
         model: the network.
         layer: the monitored layer.
         attention: ``False``: none; ``None``: the module if there is one; ``True``: the module, or an error.
-        forward_fn: the caller's ``forward_fn``, if any (the whole ``model`` is then searched).
 
     Returns:
         The dotted name, or ``None``.
 
     Raises:
-        ValueError: with ``attention=True`` when the model has no attention module this package can read.
+        ValueError: with ``attention=True`` when the network has no attention module this package can read.
     """
     if attention is False:
         return None
-    root = model if forward_fn is not None else forward_target(model, layer)
-    prefix = "" if root is model else layer.split(".", 1)[0] + "."
+    head = layer.split(".", 1)[0]
+    child = getattr(model, head, None)
+    root, prefix = (child, head + ".") if "." in layer and isinstance(child, nn.Module) else (model, "")
     name = find_attention(root)
     if name is None:
         if attention:
@@ -277,7 +277,7 @@ def explain_batch(
     """
     check_images(images, channels=None)
     methods = validate_methods(methods)
-    name = attention_module(model, layer, attention, forward_fn)
+    name = attention_module(model, layer, attention)
     captured = capture_features(
         model,
         images,

@@ -300,7 +300,7 @@ class SaliencyMonitorMixin:
             target = search_root(pl_module)[1] if self.forward_fn is None else pl_module
             with self._gathered(target):
                 self._resolved_layer = self._discover_layer(pl_module)
-        self._attention_module = attention_module(pl_module, self._resolved_layer, self.attention, self.forward_fn)
+        self._attention_module = attention_module(pl_module, self._resolved_layer, self.attention)
 
     def _resolve_probe(self, trainer: Any) -> Probe:
         source = self.probe_source
