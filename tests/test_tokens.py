@@ -220,6 +220,11 @@ def test_attention_is_the_monitored_networks_not_a_teachers():
     assert attention_module(model, layer) == "backbone.encoder.layers.encoder_layer_1.self_attention"
     maps = explain(model, torch.randn(2, 3, 16, 16), layer=layer, forward_fn=lambda m, x: m.backbone(x))
     assert "attention" in maps
+    teacher = "teacher_backbone.encoder.layers.encoder_layer_1.self_attention"
+    with pytest.warns(UserWarning, match="did not run in the forward pass"):
+        assert capture_features(model, torch.randn(1, 3, 16, 16), layer, attention=teacher).attention is None
+    with pytest.raises(ValueError, match="did not run in the forward pass"):
+        capture_features(model, torch.randn(1, 3, 16, 16), layer, attention=teacher, attention_required=True)
 
 
 def test_attention_needs_a_class_token_and_a_readable_module():

@@ -18,6 +18,7 @@ decomposition per batch gives the maps and the spectral metrics alike.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -151,13 +152,16 @@ def capture_features(
         raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
     if isinstance(output, Tensor):
         output = full_tensor(output.detach())
+    if attention is not None and cap.attention is None:
+        message = f"the attention module {attention!r} did not run in the forward pass that computes {layer!r}"
+        if attention_required:
+            raise ValueError(message + ".")
+        warnings.warn(message + "; no attention map.", UserWarning, stacklevel=2)
     return Captured(features, output, _attention_on_grid(cap.attention, cap.layout, layer, attention_required))
 
 
 def _attention_on_grid(rows: Tensor | None, layout: object, layer: str, required: bool) -> Tensor | None:
     if rows is None:
-        if required:
-            raise ValueError(f"the attention module did not run in the forward pass that computes {layer!r}.")
         return None
     try:
         if layout is None:
