@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -159,26 +158,6 @@ def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x, unit, valid
 
 
-_MIN_SPLIT = 16
-_EIGH_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _batched_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` of a batch; on the CPU, split across torch's intra-op threads.
-
-    LAPACK solves a batch of small matrices one after the other on one core. Each matrix is independent, so the
-    batch is cut into one contiguous chunk per thread (torch releases the GIL inside the call); the result is
-    bit-identical to the serial call.
-    """
-    threads = min(torch.get_num_threads(), 8)
-    if gram.device.type != "cpu" or threads < 2 or gram.shape[0] < _MIN_SPLIT:
-        return torch.linalg.eigh(gram)
-    if threads not in _EIGH_POOLS:
-        _EIGH_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tsm-eigh")
-    parts = list(_EIGH_POOLS[threads].map(torch.linalg.eigh, gram.tensor_split(threads)))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
 def _top_eigh(gram: Tensor, k: int, *, negated: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of a batch of symmetric PSD matrices, descending, in float64.
 
@@ -191,7 +170,10 @@ def _top_eigh(gram: Tensor, k: int, *, negated: bool = False) -> tuple[Tensor, T
     Returns:
         ``(sigma, vectors)``: ``(B, k)`` singular values ``sqrt(max(lambda, 0))`` and ``(B, m, k)`` eigenvectors.
     """
-    evals, evecs = _batched_eigh(gram.to(torch.float64))
+    # One LAPACK call for the whole batch, in the calling thread. Splitting the batch over a pool of Python threads
+    # was slower on 2 cores (each thread's MKL starts its own OpenMP team: 4 threads on 2 cores), and the pool's idle
+    # threads made every later LAPACK call of the process about 5x slower while they lived.
+    evals, evecs = torch.linalg.eigh(gram.to(torch.float64))
     if negated:
         evals, evecs = -evals[..., :k], evecs[..., :k]
     else:
