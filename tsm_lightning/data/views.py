@@ -6,6 +6,7 @@
 * :func:`view_augmentation` -- the SimCLR-style per-view augmentation used by default (no blur).
 
 Example:
+    >>> from tsm_lightning.data import BackgroundSwapViews, TexturedObjects
     >>> train = BackgroundSwapViews(TexturedObjects(num_samples=2048, image_size=64))
     >>> views, index = train[0]                        # two augmented (3, 64, 64) views sharing the object
 """
