@@ -176,16 +176,25 @@ def collapse_scalars(output: object, references: dict[str, float]) -> dict[str, 
 
 
 def fresh_copy(module: nn.Module, seed: int) -> nn.Module:
-    """An independently initialised copy of ``module``: every sub-module's ``reset_parameters`` under ``seed``.
+    """An independently initialised copy of ``module``, drawn under ``seed``.
 
-    The global RNG streams are left as they were.
+    Every sub-module with a ``reset_parameters`` is reset. A parameter no such sub-module owns (a ViT's class token
+    and position embedding, a layer-scale vector) is redrawn from a normal distribution with its own mean and
+    standard deviation, so the copy keeps the scale of each tensor but shares no values with ``module``; a constant
+    tensor (a zero-initialised class token) stays as it is. The global RNG streams are left as they were.
     """
     fresh = copy.deepcopy(module)
-    with preserved_rng(seed):
+    with preserved_rng(seed), torch.no_grad():
+        covered: set[int] = set()
         for sub in fresh.modules():
             reset = getattr(sub, "reset_parameters", None)
             if callable(reset):
                 reset()
+                covered.update(id(p) for p in sub.parameters(recurse=False))
+        for param in fresh.parameters():
+            if id(param) not in covered and param.numel() > 1 and param.is_floating_point():
+                mean, std = param.mean(), param.std()
+                param.normal_().mul_(std).add_(mean)
     return fresh
 
 
