@@ -10,7 +10,7 @@ SNIPPETS = sorted((Path(__file__).parents[2] / "callbacks").glob("*.yaml"))
 
 
 def test_there_are_snippets():
-    assert len(SNIPPETS) >= 2
+    assert len(SNIPPETS) >= 3
 
 
 @pytest.mark.parametrize("path", SNIPPETS, ids=lambda p: p.name)
@@ -28,3 +28,6 @@ def test_snippet_instantiates_the_monitor(path, tmp_path):
     assert monitor.methods and (monitor.every_n_steps or monitor.every_n_epochs)
     if path.name == "ssl_resnet_backbone.yaml":
         assert monitor.layer == "backbone.7" and monitor.every_n_steps == 200 and len(monitor.methods) == 4
+    if path.name == "vit_last_block.yaml":
+        assert monitor.layer == "backbone.encoder.layers.encoder_layer_11"
+        assert monitor.attention is True and monitor.attention_heads and monitor.num_images == 64
