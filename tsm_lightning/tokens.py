@@ -20,7 +20,8 @@ against the grid when both are known). A token count that fits no grid is an err
 **Layer discovery** takes, for a ViT, the last transformer block (:func:`repeated_blocks`), never the patch
 embedding; **the class-token attention** is read from the last attention module (:func:`find_attention`):
 ``torch.nn.MultiheadAttention`` (torchvision) or a timm-style module with a ``qkv`` linear layer and ``num_heads``
-(timm, DINO, DINOv2), using the block's own weights and the input the block gives it.
+(timm, DINO, DINOv2), using the block's own weights and the input the block gives it. (About 400 lines: the grid
+rule, the block and attention-module search and two attention readers, each documented, belong together.)
 """
 
 from __future__ import annotations
