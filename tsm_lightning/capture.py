@@ -28,9 +28,8 @@ from tsm_lightning.tokens import (
     TokenGridSpec,
     TokenLayout,
     attention_rows,
-    find_patch_embeddings,
-    patch_grid_hook,
     to_feature_map,
+    watch_patch_grid,
 )
 
 __all__ = [
@@ -247,8 +246,7 @@ def capture(
     handles = [module.register_forward_hook(holder._hook)]
     try:
         if feature_map:
-            hook = patch_grid_hook(holder._patch_grid)
-            handles.extend(patch.register_forward_hook(hook) for patch in find_patch_embeddings(model))
+            handles.extend(watch_patch_grid(model, holder._patch_grid))
         if attention is not None:
             target = get_layer(model, attention)
             handles.append(target.register_forward_pre_hook(holder._attention_hook, with_kwargs=True))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tsm_lightning.capture import ForwardFn, _default_forward, _strip_compile_prefix, preserved_modes
-from tsm_lightning.tokens import TokenGridSpec, find_patch_embeddings, patch_grid_hook, repeated_blocks, resolve_grid
+from tsm_lightning.tokens import TokenGrid, TokenGridSpec, repeated_blocks, watch_patch_grid
 
 __all__ = [
     "FALLBACK_GRID",
@@ -104,16 +104,11 @@ def layer_shapes(
     handles = []
     blocks = {_strip_compile_prefix(name) for name in repeated_blocks(model)}
     patch_grid: list[tuple[int, int]] = []
-    grid_rule = token_grid if token_grid is not None and not callable(token_grid) else None
+    rule = token_grid if isinstance(token_grid, TokenGrid) else TokenGrid()
 
     def token_grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
         try:
-            layout = resolve_grid(
-                shape[1],
-                grid=grid_rule.grid if grid_rule else None,
-                prefix_tokens=grid_rule.prefix_tokens if grid_rule else None,
-                patch_grid=patch_grid[0] if patch_grid else None,
-            )
+            layout = rule.layout(shape[1], patch_grid[0] if patch_grid else None)
         except ValueError:
             return None
         return layout.h, layout.w
@@ -137,8 +132,7 @@ def layer_shapes(
         return hook
 
     try:
-        hook = patch_grid_hook(patch_grid)
-        handles.extend(patch.register_forward_hook(hook) for patch in find_patch_embeddings(model))
+        handles.extend(watch_patch_grid(model, patch_grid))
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(make_hook(_strip_compile_prefix(name))))

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from tsm_lightning.core.attention import class_token_attention
 
@@ -46,11 +47,11 @@ __all__ = [
     "find_attention",
     "find_patch_embeddings",
     "patch_attention",
-    "patch_grid_hook",
     "repeated_blocks",
     "resolve_grid",
     "to_feature_map",
     "tokens_to_grid",
+    "watch_patch_grid",
 ]
 
 MAX_PREFIX_TOKENS = 8
@@ -80,6 +81,18 @@ class TokenGrid:
         prefix = self.prefix_tokens
         if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
             raise ValueError(f"TokenGrid.prefix_tokens must be an integer >= 0 or None, got {prefix!r}.")
+
+    def layout(self, num_tokens: int, patch_grid: tuple[int, int] | None = None) -> TokenLayout:
+        """Where the patches are among ``num_tokens`` tokens by this rule (:func:`resolve_grid`).
+
+        Args:
+            num_tokens: ``T``, the sequence length.
+            patch_grid: the model's patch grid read from its patch embedding, or ``None``.
+
+        Raises:
+            ValueError: if the tokens fit no grid.
+        """
+        return resolve_grid(num_tokens, grid=self.grid, prefix_tokens=self.prefix_tokens, patch_grid=patch_grid)
 
 
 TokenGridSpec = TokenGrid | Callable[[Tensor], Tensor] | None
@@ -190,10 +203,9 @@ def tokens_to_grid(tokens: Tensor, grid: tuple[int, int] | None = None, prefix_t
     Raises:
         ValueError: if ``tokens`` is not ``(B, T, D)`` or fits no grid.
     """
-    TokenGrid(grid, prefix_tokens)  # validates both
+    rule = TokenGrid(grid, prefix_tokens)  # validates both
     _check_tokens(tokens, "tokens")
-    layout = resolve_grid(tokens.shape[1], grid=grid, prefix_tokens=prefix_tokens)
-    return _patches_as_map(tokens, layout)
+    return _patches_as_map(tokens, rule.layout(tokens.shape[1]))
 
 
 def _patches_as_map(tokens: Tensor, layout: TokenLayout) -> Tensor:
@@ -222,9 +234,8 @@ def to_feature_map(
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"token_grid(tokens) must return a (B, D, h, w) map for layer {name!r}, got {shape}.")
         return features, None
-    spec = token_grid or TokenGrid()
     try:
-        layout = resolve_grid(tokens.shape[1], grid=spec.grid, prefix_tokens=spec.prefix_tokens, patch_grid=patch_grid)
+        layout = (token_grid or TokenGrid()).layout(tokens.shape[1], patch_grid)
     except ValueError as err:
         raise ValueError(f"Layer {name!r} returned tokens {tuple(tokens.shape)}: {err}") from None
     return _patches_as_map(tokens, layout), layout
@@ -248,17 +259,18 @@ def find_patch_embeddings(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if _is_patch_embedding(m)]
 
 
-def patch_grid_hook(store: list[tuple[int, int]]) -> Callable[[nn.Module, object, object], None]:
-    """A forward hook that appends the ``(h, w)`` of the first ``(B, D, h, w)`` output it sees to an empty ``store``.
+def watch_patch_grid(model: nn.Module, store: list[tuple[int, int]]) -> list[RemovableHandle]:
+    """Hook every patch embedding of ``model`` so that the first one to run appends its ``(h, w)`` to ``store``.
 
-    Registered on every patch embedding of a model, it keeps the grid of the first one to run.
+    Returns:
+        The hook handles; the caller removes them.
     """
 
     def hook(module: nn.Module, args: object, output: object) -> None:
         if not store and isinstance(output, Tensor) and output.ndim == 4:
             store.append((int(output.shape[-2]), int(output.shape[-1])))
 
-    return hook
+    return [patch.register_forward_hook(hook) for patch in find_patch_embeddings(model)]
 
 
 _BLOCK_CLASSES_IN_TORCH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -366,10 +378,8 @@ def _qkv_rows(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, obj
     x = args[0] if args else kwargs.get("x")
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{type(module).__name__} was not called with a (B, T, D) token tensor.")
-    b, t, d = x.shape
     heads: int = module.num_heads  # type: ignore[assignment]
-    qkv = module.qkv(x).reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, d_head)
-    q, k = qkv[0], qkv[1]
+    q, k, _ = (_split_heads(part, heads) for part in module.qkv(x).chunk(3, dim=-1))
     q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
     if isinstance(q_norm, nn.Module):
         q = q_norm(q)
