@@ -11,7 +11,7 @@ from tsm_lightning.checks import check_images
 from tsm_lightning.constants import METHODS
 from tsm_lightning.core import normalize_maps, upsample_maps, validate_methods
 from tsm_lightning.discovery import find_layer
-from tsm_lightning.pipeline import attention_module, capture_features, explain_batch
+from tsm_lightning.pipeline import attention_map, attention_module, capture_features, explain_batch
 from tsm_lightning.tokens import TokenGridSpec, check_token_grid
 
 __all__ = ["attention_maps", "check_images", "explain"]
@@ -128,7 +128,7 @@ def attention_maps(
     assert heads is not None  # attention_required
     size = (images.shape[-2], images.shape[-1])
     if not per_head:
-        return upsample_maps(normalize_maps(heads.mean(dim=1)), size)
+        return upsample_maps(attention_map(heads), size)
     b, n, h, w = heads.shape
     flat = normalize_maps(heads.reshape(b * n, h, w))
     return upsample_maps(flat, size).reshape(b, n, *size)

@@ -10,8 +10,8 @@ decomposition per batch gives the maps and the spectral metrics alike.
   sub-module's mode restored, the hook removed in ``finally`` and the global RNG streams left as they were; a
   transformer block's tokens become a ``(B, D, h, w)`` map there (:mod:`tsm_lightning.tokens`), and the last
   block's class-token attention is read in the same pass when asked for (:func:`attention_module`);
-* :func:`maps_of`: one :class:`~tsm_lightning.core.Decomposition` and the normalised maps read from it;
-  :func:`with_attention` adds the attention map beside them;
+* :func:`maps_of`: one :class:`~tsm_lightning.core.Decomposition` and the normalised maps read from it, with the
+  attention map beside them when the forward read one (:func:`attention_map`);
 * :func:`explain_batch`: all of it, as an :class:`Explanation`.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,12 +45,12 @@ from tsm_lightning.tokens import TokenGridSpec, find_attention, patch_attention
 __all__ = [
     "Captured",
     "Explanation",
+    "attention_map",
     "attention_module",
     "capture_features",
     "explain_batch",
     "forward_rule",
     "maps_of",
-    "with_attention",
 ]
 
 
@@ -173,17 +173,9 @@ def _attention_on_grid(rows: Tensor | None, layout: object, layer: str, required
         return None
 
 
-def with_attention(maps: Mapping[str, Tensor], attention: Tensor | None) -> dict[str, Tensor]:
-    """``maps`` plus ``maps["attention"]``: the class-token attention averaged over heads, normalised to ``[0, 1]``.
-
-    Args:
-        maps: ``{method: (B, h, w)}`` maps.
-        attention: ``(B, heads, h, w)`` per-head attention (:class:`Captured`), or ``None`` (``maps`` unchanged).
-    """
-    out = dict(maps)
-    if attention is not None:
-        out[ATTENTION] = normalize_maps(attention.mean(dim=1))
-    return out
+def attention_map(attention: Tensor) -> Tensor:
+    """The class-token attention averaged over heads, normalised to ``[0, 1]``: ``(B, heads, h, w) -> (B, h, w)``."""
+    return normalize_maps(attention.mean(dim=1))
 
 
 def maps_of(
@@ -193,8 +185,9 @@ def maps_of(
     num_components: int | None = None,
     weighting: str = "singular",
     spectra: bool = False,
+    attention: Tensor | None = None,
 ) -> tuple[Decomposition, dict[str, Tensor]]:
-    """One decomposition of ``features`` and the normalised maps read from it.
+    """One decomposition of ``features`` and the normalised maps read from it (and the attention map beside them).
 
     Args:
         features: ``(B, C, h, w)`` features.
@@ -204,9 +197,11 @@ def maps_of(
         spectra: make the decomposition the one :func:`~tsm_lightning.metrics.spectral_metrics` reads too: both
             spectra, every component, from float64 features (float32 on MPS), so that rounding noise gives no zero
             singular value a share. The maps then come from that more exact decomposition.
+        attention: ``(B, heads, h, w)`` class-token attention of the same forward (:class:`Captured`), added as
+            ``"attention"`` (:func:`attention_map`); ``None``: none.
 
     Returns:
-        ``(decomposition, {method: (B, h, w) float32 maps in [0, 1]})``.
+        ``(decomposition, {method: (B, h, w) float32 maps in [0, 1]})``, plus ``"attention"`` when given.
     """
     methods = validate_methods(methods)
     check_num_components(num_components)
@@ -216,7 +211,10 @@ def maps_of(
         features = features.to(torch.float32 if features.device.type == "mps" else torch.float64)
     decomposition = decompose(features, **request)
     maps = compute_maps(decomposition, methods, weighting=weighting, num_components=num_components)
-    return decomposition, {name: normalize_maps(m) for name, m in maps.items()}
+    out = {name: normalize_maps(m) for name, m in maps.items()}
+    if attention is not None:
+        out[ATTENTION] = attention_map(attention)
+    return decomposition, out
 
 
 @dataclass(frozen=True)
@@ -260,7 +258,7 @@ def explain_batch(
     token_grid: TokenGridSpec = None,
     attention: bool | None = None,
 ) -> Explanation:
-    """Explain one batch: :func:`capture_features`, then :func:`maps_of` (and :func:`with_attention`).
+    """Explain one batch: :func:`capture_features`, then :func:`maps_of`.
 
     Args:
         model: the network.
@@ -292,14 +290,12 @@ def explain_batch(
         attention_required=bool(attention),
     )
     decomposition, maps = maps_of(
-        captured.features, methods, num_components=num_components, weighting=weighting, spectra=spectra
-    )
-    return Explanation(
-        layer,
         captured.features,
-        captured.output,
-        decomposition,
-        with_attention(maps, captured.attention),
-        (images.shape[-2], images.shape[-1]),
-        captured.attention,
+        methods,
+        num_components=num_components,
+        weighting=weighting,
+        spectra=spectra,
+        attention=captured.attention,
     )
+    image_size = (images.shape[-2], images.shape[-1])
+    return Explanation(layer, captured.features, captured.output, decomposition, maps, image_size, captured.attention)

@@ -38,7 +38,7 @@ from tsm_lightning.monitoring import (
     scalars,
     stability_references,
 )
-from tsm_lightning.pipeline import Captured, attention_module, capture_features, maps_of, with_attention
+from tsm_lightning.pipeline import Captured, attention_module, capture_features, maps_of
 from tsm_lightning.probe import Probe, ProbeFn, build_probe, check_probe_source
 from tsm_lightning.render import COLORMAPS
 from tsm_lightning.rng import preserved_rng
@@ -506,10 +506,15 @@ class SaliencyMonitorMixin:
             attention_required=self.attention is True,
         )
 
-    def _maps(self, features: Tensor) -> tuple[Decomposition, dict[str, Tensor]]:
-        # One decomposition for the maps and, with metrics=True, the spectral metrics.
+    def _maps(self, features: Tensor, attention: Tensor | None = None) -> tuple[Decomposition, dict[str, Tensor]]:
+        # One decomposition for the maps and, with metrics=True, the spectral metrics; the attention map beside them.
         return maps_of(
-            features, self.methods, num_components=self.num_components, weighting=self.weighting, spectra=self.metrics
+            features,
+            self.methods,
+            num_components=self.num_components,
+            weighting=self.weighting,
+            spectra=self.metrics,
+            attention=attention,
         )
 
     def compute(self, pl_module: Any, features: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -528,7 +533,7 @@ class SaliencyMonitorMixin:
         attention = None
         if features is None:
             features, _, attention = self._capture_probe(pl_module)
-        return features, with_attention(self._maps(features)[1], attention)
+        return features, self._maps(features, attention)[1]
 
     def _capture_probe(self, pl_module: Any) -> Captured:
         # The probe forward (on every rank when the parameters are sharded): features, forward output, attention.
@@ -554,8 +559,7 @@ class SaliencyMonitorMixin:
         assert self.probe is not None
         step = trainer.global_step
         features, output, attention = captured if captured is not None else self._capture_probe(pl_module)
-        decomposition, maps = self._maps(features)
-        maps = with_attention(maps, attention)
+        decomposition, maps = self._maps(features, attention)
         runs = len(self.logged_steps) + 1
         faithful = self.faithfulness_every_n_runs is not None and runs % self.faithfulness_every_n_runs == 0
         # Upsampled once, to the probe's size, and only when a metric needs them (the masks are the probe's size).
@@ -621,7 +625,7 @@ class SaliencyMonitorMixin:
         inner = attention.split(".", 1)[1] if attention is not None else None  # both are under the same child
         features, _, heads = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh, inner)
         del fresh
-        return stability_references(with_attention(self._maps(features)[1], heads), first)
+        return stability_references(self._maps(features, heads)[1], first)
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log(self, trainer: Any, pictures: dict[str, Tensor], scalars: dict[str, float], step: int) -> None:
