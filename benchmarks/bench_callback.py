@@ -128,15 +128,15 @@ class TimedMonitor(SaliencyMonitor):
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         self._timed(super().on_train_end, *args, **kwargs)
 
-    def _capture_probe(self, pl_module: Any) -> tuple[Tensor, object]:
+    def _capture_probe(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        out = super()._capture_probe(pl_module)
+        out = super()._capture_probe(*args, **kwargs)
         self._compute_time += time.perf_counter() - start
         return out
 
-    def _maps(self, features: Tensor) -> dict[str, Tensor]:
+    def _maps(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        out = super()._maps(features)
+        out = super()._maps(*args, **kwargs)
         self._compute_time += time.perf_counter() - start
         return out
 
@@ -181,7 +181,8 @@ def fit_once(config: Config, every_n_steps: int | None, root: str, steps: int) -
     monitor = None
     if every_n_steps is not None:
         probe = torch.randn(8, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1))
-        monitor = TimedMonitor(probe, layer=config.layer, every_n_steps=every_n_steps)
+        # strict: a failing run must fail the benchmark, not become a warning and a fast, empty "run".
+        monitor = TimedMonitor(probe, layer=config.layer, every_n_steps=every_n_steps, strict=True)
         callbacks.append(monitor)
     trainer = Trainer(
         accelerator="cpu",
