@@ -18,7 +18,7 @@ demo: $(STAMP)  ## the main job: SimCLR with background swap on textured objects
 demo-shortcut: $(STAMP)  ## the same run without background swap, into the same runs/: the model learns the clutter
 	$(BIN)/python examples/simclr.py --output runs --no-background-swap
 
-bench: $(STAMP)  ## speed benchmarks (about 10 min on 2 CPU cores)
+bench: $(STAMP)  ## speed benchmarks (about 8 min on 2 CPU cores)
 	$(BIN)/python benchmarks/run_all.py
 
 test: $(STAMP)  ## the whole test suite
