@@ -90,8 +90,8 @@ def test_bf16_mixed_precision_gives_finite_maps(tmp_path):
     maps_seen = []
     original = monitor._maps
 
-    def spy(features):
-        decomposition, maps = original(features)  # the maps and the decomposition they were read from
+    def spy(features, *args, **kwargs):
+        decomposition, maps = original(features, *args, **kwargs)  # the maps and the decomposition they come from
         maps_seen.append((features.dtype, maps))
         return decomposition, maps
 
