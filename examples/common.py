@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torchvision
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -175,13 +175,28 @@ def probe(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.stack([folder[i][0] for i in range(min(args.probe_size, len(folder)))]), None
 
 
+ExtraCallbacks = Callable[[torch.Tensor, torch.Tensor | None, str], Sequence[Callback]]
+"""``extra_callbacks(probe_images, probe_masks, layer)``: more callbacks for the Trainer (the benchmarks' recorder)."""
+
+
 def run(
-    model: LightningModule, transform: Callable, args: argparse.Namespace, name: str, layer: str | None = None
+    model: LightningModule,
+    transform: Callable,
+    args: argparse.Namespace,
+    name: str,
+    layer: str | None = None,
+    *,
+    extra_callbacks: ExtraCallbacks | None = None,
 ) -> Path:
     """Train ``model`` with SaliencyMonitor attached; write TensorBoard logs and a checkpoint; say where.
 
     The monitored layer is ``--layer`` if given, else ``layer`` (an example whose backbone is not a ResNet names
-    its own, e.g. a ViT's last encoder block), else :func:`default_layer`.
+    its own, e.g. a ViT's last encoder block), else :func:`default_layer`. ``extra_callbacks``, when given, is
+    called with the probe's ``(N, 3, S, S)`` images, its ``(N, S, S)`` masks (or ``None``) and the monitored layer,
+    and the callbacks it returns join the Trainer's (``benchmarks/recorder.py`` uses it).
+
+    Returns:
+        The run's TensorBoard log folder.
     """
     seed_everything(args.seed, workers=True)
     loader = DataLoader(
@@ -199,12 +214,13 @@ def run(
     )
     logger = TensorBoardLogger(args.output, name=name)
     checkpoint = ModelCheckpoint(dirpath=Path(logger.log_dir) / "checkpoints", save_last=True)
+    extra = list(extra_callbacks(images, masks, layer)) if extra_callbacks is not None else []
     trainer = Trainer(
         max_steps=args.max_steps,
         accelerator=args.accelerator,
         devices=1,
         logger=logger,
-        callbacks=[monitor, checkpoint],
+        callbacks=[monitor, checkpoint, *extra],
         log_every_n_steps=5,
         enable_model_summary=False,
     )

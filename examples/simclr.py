@@ -16,6 +16,7 @@ SimCLR needs no momentum encoder or memory bank: the other 2 x 63 views of the b
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from lightly.loss import NTXentLoss
@@ -23,7 +24,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, parse_args, run
 
 
 class SimCLR(LightningModule):
@@ -60,7 +61,8 @@ class SimCLR(LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train the demo; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(
         __doc__,
         argv,
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     # Milder than SimCLR's ImageNet recipe: crops keep at least half the image (so that both views usually hold
     # the object) and colour jitter at 0.4 strength leaves its colours recognisable; no blur at 64 px.
     transform = SimCLRTransform(input_size=args.image_size, cj_strength=0.4, min_scale=0.5, gaussian_blur=0.0)
-    run(model, transform, args, name="simclr" if args.background_swap else "simclr_no_swap")
+    name = "simclr" if args.background_swap else "simclr_no_swap"
+    return run(model, transform, args, name=name, extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":
