@@ -18,6 +18,7 @@ Arguments after ``--`` go to ``examples/simclr.py`` (a recipe change; name it wi
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,25 +50,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "seed_sweep")
     parser.add_argument("--recipe", default="default", help="label of the recipe (the arguments after --)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--seed-major", action="store_true", help="order seed by seed (both conditions of a seed, then the next)"
+    )
     parser.add_argument("extra", nargs="*", help="after --: more arguments for examples/simclr.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for condition in args.conditions:
-        for seed in args.seeds:
-            swap = condition == "swap"
-            name = run_name("simclr", swap, seed)
-            run_dir = args.runs / name
-            path = run_dir / "record.pt"
-            if path.exists():
-                print(f"{name}: record exists, not trained again ({path})", flush=True)
-                record = load_record(path)
-            else:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                example_argv = ["--seed", str(seed), *([] if swap else ["--no-background-swap"]), *args.extra]
-                meta = {"method": "simclr", "seed": seed, "swap": swap, "recipe": args.recipe}
-                record = train_and_record("simclr", example_argv, run_dir, meta, every_n_steps(args.extra))
-            write_csvs(args.results, {name: record})
-            print(f"{name}: done in {record['meta']['seconds']} s; CSVs under {args.results}", flush=True)
+    order = [(condition, seed) for condition in args.conditions for seed in args.seeds]
+    if args.seed_major:
+        order = [(condition, seed) for seed in args.seeds for condition in args.conditions]
+    for condition, seed in order:
+        swap = condition == "swap"
+        name = run_name("simclr", swap, seed)
+        run_dir = args.runs / name
+        path = run_dir / "record.pt"
+        if path.exists():
+            print(f"{name}: record exists, not trained again ({path})", flush=True)
+            record = load_record(path)
+        else:
+            if run_dir.exists():  # an interrupted run: start it again from scratch
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            example_argv = ["--seed", str(seed), *([] if swap else ["--no-background-swap"]), *args.extra]
+            meta = {"method": "simclr", "seed": seed, "swap": swap, "recipe": args.recipe}
+            record = train_and_record("simclr", example_argv, run_dir, meta, every_n_steps(args.extra))
+        write_csvs(args.results, {name: record})
+        print(f"{name}: done in {record['meta']['seconds']} s; CSVs under {args.results}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ encoder. lightly's ``BYOLTransform`` gives the two asymmetric views the paper us
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from lightly.loss import BarlowTwinsLoss
@@ -16,7 +17,7 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, parse_args, run
 
 
 class BarlowTwins(LightningModule):
@@ -42,7 +43,8 @@ class BarlowTwins(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = BarlowTwins(arch=args.arch, stem=args.stem, lr=args.lr)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),
         view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0),
     )
-    run(model, transform, args, name="barlow_twins")
+    return run(model, transform, args, name="barlow_twins", extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ after training, against a chance level of 15 % (the mean mask area).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 import torchvision
@@ -46,7 +48,7 @@ from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 from torch import nn
 
-from common import parse_args, run
+from common import ExtraCallbacks, default_layer, make_backbone, parse_args, run
 
 GRID = 8
 """Tokens per side: the patch size is ``image_size // GRID``."""
@@ -95,10 +97,18 @@ class DINO(LightningModule):
         momentum: float = 0.99,
         freeze_last_layer_steps: int = 30,
         clip_grad: float = 3.0,
+        backbone: str = "vit",
+        arch: str = "small-resnet",
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = vit_backbone(image_size, num_layers, num_heads, hidden_dim, mlp_dim)
+        if backbone == "vit":
+            self.backbone = vit_backbone(image_size, num_layers, num_heads, hidden_dim, mlp_dim)
+        elif backbone == "resnet":  # DINO with a ResNet (the SSL method matrix): --arch and --stem apply
+            self.backbone, hidden_dim = make_backbone(arch, stem)
+        else:
+            raise ValueError(f"backbone must be 'vit' or 'resnet', got {backbone!r}.")
         # DINOProjectionHead freezes its last layer while its `current_epoch` argument is below freeze_last_layer;
         # on_after_backward passes the global step, so here the count is in steps.
         self.head = DINOProjectionHead(
@@ -121,15 +131,17 @@ class DINO(LightningModule):
 
     @property
     def monitored_layer(self) -> str:
-        """The last encoder block of the student backbone."""
+        """The last encoder block of the student backbone (a ResNet's: the deepest stage with a >= 7x7 map)."""
+        if self.hparams.backbone == "resnet":
+            return default_layer(self.hparams.stem, self.hparams.image_size)
         return f"backbone.encoder.layers.encoder_layer_{self.hparams.num_layers - 1}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.backbone(x).flatten(start_dim=1))
 
     @torch.no_grad()
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher_head(self.teacher_backbone(x))
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
 
     def training_step(self, batch, batch_idx):
         total = self.trainer.estimated_stepping_batches
@@ -158,19 +170,28 @@ class DINO(LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
-def dino_transform(image_size: int, n_local_views: int = 2) -> DINOTransform:
-    """lightly's DINO views at ``image_size``: two global crops and ``n_local_views`` local ones, all that size."""
+def dino_transform(image_size: int, n_local_views: int = 2, local_crop_size: int | None = None) -> DINOTransform:
+    """lightly's DINO views at ``image_size``: two global crops and ``n_local_views`` local ones of
+    ``local_crop_size`` (default ``image_size``: torchvision's ViT takes one input size only, see the module doc)."""
     return DINOTransform(
         global_crop_size=image_size,
         global_crop_scale=(0.4, 1.0),
-        local_crop_size=image_size,  # torchvision's ViT takes one input size only, see the module doc
+        local_crop_size=local_crop_size or image_size,
         local_crop_scale=(0.1, 0.4),
         n_local_views=n_local_views,
         gaussian_blur=(0.0, 0.0, 0.0),
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder.
+
+    ``--backbone resnet`` trains DINO with the ResNet of ``--arch``/``--stem`` instead of the ViT (for the SSL method
+    matrix; local crops are then half the image side, as a CNN accepts any size).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backbone", choices=("vit", "resnet"), default="vit")
+    known, argv = pre.parse_known_args(argv)
     args = parse_args(
         __doc__,
         argv,
@@ -182,8 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         probe_size=128,
     )
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = DINO(image_size=args.image_size, lr=args.lr)
-    run(model, dino_transform(args.image_size), args, name="dino_vit", layer=model.monitored_layer)
+    resnet = known.backbone == "resnet"
+    model = DINO(image_size=args.image_size, lr=args.lr, backbone=known.backbone, arch=args.arch, stem=args.stem)
+    transform = dino_transform(args.image_size, local_crop_size=args.image_size // 2 if resnet else None)
+    name = "dino_resnet" if resnet else "dino_vit"
+    return run(model, transform, args, name=name, layer=model.monitored_layer, extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import torch
 from lightly.loss import NTXentLoss
@@ -20,7 +21,7 @@ from lightly.transforms import MoCoV2Transform
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, parse_args, run
 
 
 class MoCoV2(LightningModule):
@@ -61,12 +62,13 @@ class MoCoV2(LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = MoCoV2(arch=args.arch, stem=args.stem, lr=args.lr)
     transform = MoCoV2Transform(input_size=args.image_size, gaussian_blur=0.0)
-    run(model, transform, args, name="moco_v2")
+    return run(model, transform, args, name="moco_v2", extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

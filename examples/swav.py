@@ -10,6 +10,7 @@ prototypes' normalisation and freezing schedule are not affected.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from lightly.loss import SwaVLoss
@@ -17,7 +18,7 @@ from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms import SwaVTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, parse_args, run
 
 
 class SwaV(LightningModule):
@@ -49,7 +50,8 @@ class SwaV(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = SwaV(arch=args.arch, stem=args.stem, lr=args.lr)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     transform = SwaVTransform(
         crop_sizes=(size, size // 2), crop_counts=(2, 4), crop_min_scales=(0.3, 0.1), gaussian_blur=0.0
     )
-    run(model, transform, args, name="swav")
+    return run(model, transform, args, name="swav", extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

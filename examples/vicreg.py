@@ -9,6 +9,7 @@ dimensions: no negatives, no momentum encoder.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from lightly.loss import VICRegLoss
@@ -16,7 +17,7 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import VICRegTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, parse_args, run
 
 
 class VICReg(LightningModule):
@@ -43,12 +44,13 @@ class VICReg(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
+    """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     model = VICReg(arch=args.arch, stem=args.stem, lr=args.lr)
     transform = VICRegTransform(input_size=args.image_size, gaussian_blur=0.0, solarize_prob=0.0)
-    run(model, transform, args, name="vicreg")
+    return run(model, transform, args, name="vicreg", extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

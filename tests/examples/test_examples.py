@@ -22,7 +22,7 @@ def _images(log_dir: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco_v2", "swav", "barlow_twins", "vicreg", "dino_vit"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol", "swav", "barlow_twins", "vicreg", "dino_vit"])
 def test_example_trains_and_logs(name, tmp_path, capsys):
     module = importlib.import_module(name)
     module.main([*TINY, "--output", str(tmp_path)])
@@ -33,6 +33,30 @@ def test_example_trains_and_logs(name, tmp_path, capsys):
     images = _images(log_dir)
     assert images["saliency/tsm"] == [0, 1, 2]
     assert images["saliency/all"] == [0, 1, 2]
+
+
+def test_dino_with_a_resnet_backbone(tmp_path):
+    module = importlib.import_module("dino_vit")
+    argv = [*TINY, "--backbone", "resnet", "--arch", "small-resnet", "--stem", "cifar", "--output", str(tmp_path)]
+    log_dir = module.main(argv)
+    assert log_dir == tmp_path / "dino_resnet" / "version_0"
+    model = module.DINO.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
+    assert model.monitored_layer == "backbone.6"  # 32 px, CIFAR stem: layer3 is 8x8
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+    assert _images(log_dir)["saliency/tsm"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="backbone must be 'vit' or 'resnet'"):
+        module.DINO(backbone="convnext")
+
+
+def test_byol_target_network_follows_the_online_one():
+    from byol import BYOL
+
+    model = BYOL(arch="small-resnet", stem="cifar")
+    assert all(not p.requires_grad for p in model.backbone_momentum.parameters())
+    online = dict(model.backbone.named_parameters())
+    assert all(torch.equal(p, online[n]) for n, p in model.backbone_momentum.named_parameters())
+    x = torch.randn(4, 3, 32, 32)
+    assert model(x).shape == model.forward_momentum(x).shape == (4, 128)
 
 
 def test_default_layer_gives_at_least_7x7_maps():
