@@ -85,6 +85,24 @@ def test_seed_sweep_records_every_map_and_resumes(tmp_path):
     tsm = {int(r["step"]): float(r["value"]) for r in long if r["tag"] == "saliency/tsm/pointing_game"}
     assert tsm == pytest.approx({step: logged[step]["saliency/tsm/pointing_game"] for step in (0, 1, 2)})
 
+    # The method study reads the sweep's model, gives its intervals as CSV, and refuses seeds that did not learn.
+    study = [sys.executable, str(ROOT / "benchmarks" / "method_study.py"), "--seeds", "3", "--sweep", str(runs)]
+    study += ["--num-images", "8", "--faithfulness-images", "2", "--results", str(results / "study")]
+    done = subprocess.run(study, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| tsm − eigencam | pointing_game |" in done.stdout
+    rows = list(csv.DictReader((results / "study" / "intervals.csv").open()))
+    assert len(rows) == 10 and all(
+        float(r["ci_low"]) <= float(r["mean_difference"]) <= float(r["ci_high"]) for r in rows
+    )
+    refused = subprocess.run(
+        [*study, "--learned-only", "--summary", str(results / "summary.csv")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert refused.returncode != 0 and "none of the requested seeds met the criterion" in refused.stderr
+
     # Resumable: the run is not trained again, and the CSVs keep one copy of its rows.
     stamp = path.stat().st_mtime_ns
     again = _sweep(runs, results)
