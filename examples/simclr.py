@@ -15,6 +15,7 @@ SimCLR needs no momentum encoder or memory bank: the other 2 x 63 views of the b
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -62,7 +63,15 @@ class SimCLR(LightningModule):
 
 
 def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:
-    """Train the demo; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
+    """Train the demo; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder.
+
+    Besides the shared arguments (:func:`common.parse_args`), ``--temperature`` (NT-Xent's) and ``--min-scale`` (the
+    smallest crop, a fraction of the image area) set the recipe; ``benchmarks/seed_sweep.py`` varies them.
+    """
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
+    recipe.add_argument("--min-scale", type=float, default=0.5, help="smallest random crop, fraction of the area")
+    known, argv = recipe.parse_known_args(argv)
     args = parse_args(
         __doc__,
         argv,
@@ -76,10 +85,12 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
         probe_size=128,
     )
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = SimCLR(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = SimCLR(arch=args.arch, stem=args.stem, lr=args.lr, temperature=known.temperature)
     # Milder than SimCLR's ImageNet recipe: crops keep at least half the image (so that both views usually hold
     # the object) and colour jitter at 0.4 strength leaves its colours recognisable; no blur at 64 px.
-    transform = SimCLRTransform(input_size=args.image_size, cj_strength=0.4, min_scale=0.5, gaussian_blur=0.0)
+    transform = SimCLRTransform(
+        input_size=args.image_size, cj_strength=0.4, min_scale=known.min_scale, gaussian_blur=0.0
+    )
     name = "simclr" if args.background_swap else "simclr_no_swap"
     return run(model, transform, args, name=name, extra_callbacks=extra_callbacks)
 

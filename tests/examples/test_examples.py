@@ -98,6 +98,22 @@ def test_simclr_without_background_swap(tmp_path):
     assert _images(tmp_path / "simclr_no_swap" / "version_0")["saliency/tsm"] == [0, 1, 2]
 
 
+def test_simclr_recipe_arguments_reach_the_loss_and_the_crops(tmp_path, monkeypatch):
+    module = importlib.import_module("simclr")
+    seen = {}
+    real = module.SimCLRTransform
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(module, "SimCLRTransform", spy)
+    log_dir = module.main([*TINY, "--temperature", "0.2", "--min-scale", "0.3", "--output", str(tmp_path)])
+    model = module.SimCLR.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
+    assert model.hparams.temperature == 0.2 and model.criterion.temperature == 0.2
+    assert seen["min_scale"] == 0.3
+
+
 def test_other_example_on_textured_data(tmp_path):
     module = importlib.import_module("moco_v2")
     argv = [*TINY, "--data", "textured", "--arch", "small-resnet", "--stem", "cifar", "--output", str(tmp_path)]
