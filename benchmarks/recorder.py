@@ -27,6 +27,7 @@ per-step scalar in long format ``run,method,seed,swap,step,tag,value``).
 from __future__ import annotations
 
 import csv
+import datetime
 import importlib
 import math
 import shlex
@@ -211,6 +212,7 @@ def train_and_record(
     command = shlex.join(["python", f"examples/{example}.py", *argv])
     meta = {**meta, "command": command, "seconds": round(seconds, 1), "map_seconds": round(recorder.seconds, 1)}
     meta["threads"] = torch.get_num_threads()
+    meta["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     record = recorder.record(meta, event_scalars(Path(log_dir)))
     torch.save(record, run_dir / "record.pt")
     return record

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from recorder import load_record, train_and_record, write_csvs
+from recorder import load_record, replace_rows, summary_row, train_and_record, write_csvs
 
 ROOT = Path(__file__).parents[1]
 EVERY_N_STEPS = 15
@@ -42,6 +42,21 @@ def every_n_steps(extra: list[str]) -> int:
     return EVERY_N_STEPS
 
 
+RECIPE_FIELDS = ("run", "recipe", "args", "seed", "swap", "steps", "tsm_pg_init", "tsm_pg_end", "random_pg", "rise")
+RECIPE_FIELDS += ("above_random", "learned", "loss_first", "loss_last", "seconds", "threads", "date")
+
+
+def write_recipe_row(path: Path, recipe: str, extra: list[str], name: str, record: dict) -> None:
+    """Add (or replace) the run's line in the log of every recipe tried (``demo_recipes.csv``)."""
+    row = summary_row(name, record)
+    rise, above = row["tsm_pg_end"] - row["tsm_pg_init"], row["tsm_pg_end"] - row["random_pg"]
+    line = {key: row.get(key, "") for key in RECIPE_FIELDS}
+    line.update({"run": f"{recipe}/{name}", "recipe": recipe, "args": " ".join(extra) or "(defaults)"})
+    line.update({"rise": round(rise, 4), "above_random": round(above, 4), "threads": record["meta"].get("threads")})
+    line["date"] = record["meta"].get("date", "")
+    replace_rows(path, [line], {line["run"]}, RECIPE_FIELDS)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -49,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("/work/runs/sweep"), help="records and TensorBoard logs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "seed_sweep")
     parser.add_argument("--recipe", default="default", help="label of the recipe (the arguments after --)")
+    parser.add_argument(
+        "--recipes", type=Path, default=ROOT / "benchmarks" / "results" / "demo_recipes.csv", help="recipe log CSV"
+    )
+    parser.add_argument("--collect-only", action="store_true", help="train nothing: update the CSVs from the records")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
         "--seed-major", action="store_true", help="order seed by seed (both conditions of a seed, then the next)"
@@ -67,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             print(f"{name}: record exists, not trained again ({path})", flush=True)
             record = load_record(path)
+        elif args.collect_only:
+            continue
         else:
             if run_dir.exists():  # an interrupted run: start it again from scratch
                 shutil.rmtree(run_dir)
@@ -75,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             meta = {"method": "simclr", "seed": seed, "swap": swap, "recipe": args.recipe}
             record = train_and_record("simclr", example_argv, run_dir, meta, every_n_steps(args.extra))
         write_csvs(args.results, {name: record})
+        write_recipe_row(args.recipes, args.recipe, args.extra, name, record)
         print(f"{name}: done in {record['meta']['seconds']} s; CSVs under {args.results}", flush=True)
 
 

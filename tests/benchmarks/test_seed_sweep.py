@@ -23,7 +23,8 @@ TINY += ["--every-n-steps", "1", "--accelerator", "cpu"]
 
 def _sweep(runs: Path, results: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "benchmarks" / "seed_sweep.py"), "--seeds", "3", "--conditions", "swap"]
-    command += ["--runs", str(runs), "--results", str(results), "--recipe", "tiny", "--", *TINY]
+    command += ["--runs", str(runs), "--results", str(results), "--recipe", "tiny"]
+    command += ["--recipes", str(results / "recipes.csv"), "--", *TINY]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=runs.parent)
 
 
@@ -84,6 +85,10 @@ def test_seed_sweep_records_every_map_and_resumes(tmp_path):
     assert set(long[0]) == {"run", "method", "seed", "swap", "step", "tag", "value"}
     tsm = {int(r["step"]): float(r["value"]) for r in long if r["tag"] == "saliency/tsm/pointing_game"}
     assert tsm == pytest.approx({step: logged[step]["saliency/tsm/pointing_game"] for step in (0, 1, 2)})
+
+    (recipe,) = list(csv.DictReader((results / "recipes.csv").open()))
+    assert (recipe["run"], recipe["args"], recipe["learned"]) == ("tiny/simclr_swap_seed3", " ".join(TINY), "False")
+    assert float(recipe["rise"]) == pytest.approx(float(row["tsm_pg_end"]) - float(row["tsm_pg_init"]), abs=1e-4)
 
     # The method study reads the sweep's model, gives its intervals as CSV, and refuses seeds that did not learn.
     study = [sys.executable, str(ROOT / "benchmarks" / "method_study.py"), "--seeds", "3", "--sweep", str(runs)]
