@@ -18,6 +18,7 @@ Arguments after ``--`` go to ``examples/simclr.py`` (a recipe change; name it wi
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import sys
 from pathlib import Path
@@ -57,6 +58,29 @@ def write_recipe_row(path: Path, recipe: str, extra: list[str], name: str, recor
     replace_rows(path, [line], {line["run"]}, RECIPE_FIELDS)
 
 
+def seed_table(summary: Path) -> str:
+    """Markdown: one line per run of ``summary.csv`` (the README's per-seed table)."""
+    with summary.open(newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda r: (r["swap"] != "True", int(r["seed"])))
+    lines = [
+        "| seed | background swap | TSM pointing game step 0 → end | EigenCAM · Multivec · MTSM end | TSM energy "
+        "0 → end | random map · chance | loss first → last | criterion met | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        others = " · ".join(
+            f"{float(r[k]):.3f}" for k in ("eigencam_pg_end", "multivec_eigencam_pg_end", "mtsm_pg_end")
+        )
+        lines.append(
+            f"| {r['seed']} | {'yes' if r['swap'] == 'True' else 'no'} | {float(r['tsm_pg_init']):.3f} → "
+            f"**{float(r['tsm_pg_end']):.3f}** | {others} | {float(r['tsm_eim_init']):.3f} → "
+            f"{float(r['tsm_eim_end']):.3f}"
+            f" | {float(r['random_pg']):.3f} · {float(r['chance']):.3f} | {float(r['loss_first']):.2f} → "
+            f"{float(r['loss_last']):.2f} | {'yes' if r['learned'] == 'True' else 'no'} | {float(r['seconds']):.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -68,12 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         "--recipes", type=Path, default=ROOT / "benchmarks" / "results" / "demo_recipes.csv", help="recipe log CSV"
     )
     parser.add_argument("--collect-only", action="store_true", help="train nothing: update the CSVs from the records")
+    parser.add_argument("--table", action="store_true", help="only print the per-seed table of --results")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
         "--seed-major", action="store_true", help="order seed by seed (both conditions of a seed, then the next)"
     )
     parser.add_argument("extra", nargs="*", help="after --: more arguments for examples/simclr.py")
     args = parser.parse_args(argv)
+    if args.table:
+        print(seed_table(args.results / "summary.csv"))
+        return
     torch.set_num_threads(args.threads)
     order = [(condition, seed) for condition in args.conditions for seed in args.seeds]
     if args.seed_major:

@@ -90,6 +90,14 @@ def test_seed_sweep_records_every_map_and_resumes(tmp_path):
     assert (recipe["run"], recipe["args"], recipe["learned"]) == ("tiny/simclr_swap_seed3", " ".join(TINY), "False")
     assert float(recipe["rise"]) == pytest.approx(float(row["tsm_pg_end"]) - float(row["tsm_pg_init"]), abs=1e-4)
 
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seed_sweep.py"), "--table", "--results", str(results)],
+        capture_output=True,
+        text=True,
+    )
+    line = f"| 3 | yes | {float(row['tsm_pg_init']):.3f} → **{float(row['tsm_pg_end']):.3f}** |"
+    assert table.returncode == 0 and line in table.stdout, table.stdout + table.stderr
+
     # The method study reads the sweep's model, gives its intervals as CSV, and refuses seeds that did not learn.
     study = [sys.executable, str(ROOT / "benchmarks" / "method_study.py"), "--seeds", "3", "--sweep", str(runs)]
     study += ["--num-images", "8", "--faithfulness-images", "2", "--results", str(results / "study")]
