@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(study_one(checkpoint, seed, args.num_images, args.faithfulness_images, per_image[-1]))
     names = [*METHODS, *VARIANTS, *BASELINES]
     print(
-        f"\nMethod study: demo (simclr.py, background swap) trained with seeds {args.seeds}; {args.num_images} "
+        f"\nMethod study: demo (simclr.py, background swap) trained with seeds {seeds}; {args.num_images} "
         f"held-out TexturedObjects images per seed, layer {LAYER!r}; mean (min-max over seeds); "
         f"{datetime.date.today()}, {platform.machine()}, torch {torch.__version__}\n"
     )
