@@ -235,7 +235,7 @@ def test_attention_needs_a_class_token_and_a_readable_module():
         explain(model, images, layer="blocks.1", attention=True)
     from helpers import SiameseNet
 
-    with pytest.raises(ValueError, match="no self-attention module this package can read"):
+    with pytest.raises(ValueError, match="no class-token attention module this package can read"):
         explain(SiameseNet(), torch.randn(1, 3, 16, 16), layer="backbone.5", attention=True)
     assert "attention" not in explain(tiny_vit(), torch.randn(1, 3, 16, 16), attention=False)
     with warnings.catch_warnings():

@@ -21,11 +21,11 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
-from tsm_lightning.capture import forward_target, get_layer
+from tsm_lightning.capture import call_network, forward_target, get_layer
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
-from tsm_lightning.discovery import candidate_layers, choose_layer, search_root
+from tsm_lightning.discovery import choose_monitored, search_root
 from tsm_lightning.metrics import default_embed_fn
 from tsm_lightning.monitoring import (
     attention_head_pictures,
@@ -349,30 +349,21 @@ class SaliencyMonitorMixin:
         if self.forward_fn is not None:
             return self.forward_fn(pl_module, images)
         assert self._resolved_layer is not None
-        return forward_target(pl_module, self._resolved_layer)(images)
+        return call_network(forward_target(pl_module, self._resolved_layer), images)
 
     def _discover_layer(self, pl_module: Any) -> str:
         assert self.probe is not None
         images = self._model_input(pl_module)
         try:
-            infos = candidate_layers(pl_module, images, self.forward_fn, token_grid=self.token_grid)
-        except (TypeError, RuntimeError) as err:
-            raise ValueError(
-                f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
-                "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
-            ) from err
-        try:
-            chosen, text = choose_layer(infos)
+            chosen = choose_monitored(pl_module, images, self.forward_fn, token_grid=self.token_grid)
         except ValueError as err:
-            raise ValueError(
-                f"SaliencyMonitor found no layer to monitor for probe images {tuple(images.shape)}: {err}"
-            ) from None
+            raise ValueError(f"SaliencyMonitor {err}") from None
         warnings.warn(
-            f"SaliencyMonitor: no layer given, monitoring {text}. Pass layer= to choose another.",
+            f"SaliencyMonitor: no layer given, monitoring {chosen.text}. Pass layer= to choose another.",
             UserWarning,
             stacklevel=2,
         )
-        return chosen.name
+        return chosen.layer
 
     def _tell_samples_per_plugin(self, trainer: Any) -> None:
         if self._told_samples_per_plugin or not any(is_tensorboard(lg) for lg in trainer.loggers):
