@@ -120,8 +120,13 @@ def _words(name: str) -> list[str]:
 
 
 def is_copy_network(name: str) -> bool:
-    """Whether a module name names a teacher, momentum, target or EMA copy (never monitored)."""
-    return any(word.startswith(_COPY_WORDS) for word in _words(name))
+    """Whether a module name names a teacher, momentum, target or EMA copy (never monitored).
+
+    By its words: one starting with ``teacher``, ``momentum``, ``target``, ``ema`` or ``shadow``
+    (``teacher_backbone``, ``backbone_momentum``, ``target_network``), or MoCo's key encoder (``encoder_k``).
+    """
+    words = _words(name)
+    return any(word.startswith(_COPY_WORDS) for word in words) or (len(words) > 1 and words[-1] in ("k", "key"))
 
 
 def _is_head(name: str) -> bool:
@@ -139,14 +144,22 @@ def monitored_network(model: nn.Module) -> str | None:
     if isinstance(getattr(model, "backbone", None), nn.Module):
         return "backbone"
     names = [name for name, _ in model.named_children() if not is_copy_network(name) and not _is_head(name)]
-    rules: list[tuple[tuple[str, ...], ...]] = [(_STUDENT_WORDS, _NETWORK_WORDS), (_STUDENT_WORDS,)]
-    if _is_lightning_module(model):
-        rules.append((_NETWORK_WORDS,))
-    for words in rules:
-        for name in names:
-            if all(any(word in name.lower() for word in group) for group in words):
-                return name
+    students = [name for name in names if _is_student(name)]
+    networks = [name for name in names if any(word in name.lower() for word in _NETWORK_WORDS)]
+    ranked = [name for name in students if name in networks] + students
+    if ranked:
+        return ranked[0]
+    if networks and _is_lightning_module(model):
+        return networks[0]
     return None
+
+
+def _is_student(name: str) -> bool:
+    # student_backbone, online_network, MoCo's encoder_q / query_encoder
+    words = _words(name)
+    return any(word.startswith(_STUDENT_WORDS) for word in words) or (
+        len(words) > 1 and (words[-1] in ("q", "query") or words[0] == "query")
+    )
 
 
 def forward_target(model: nn.Module, layer: str) -> nn.Module:

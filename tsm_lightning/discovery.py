@@ -168,8 +168,11 @@ def layer_shapes(
     return seen
 
 
-def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
+def choose_layer(infos: list[LayerInfo], *, where: str = "") -> tuple[LayerInfo, str]:
     """The automatic choice among the layers :func:`layer_shapes` saw, and a sentence describing it.
+
+    ``where`` (e.g. ``"in 'student_backbone', not the copies 'teacher_backbone'"``) goes into the sentence after
+    the grid.
 
     For a vision transformer (a member of a repeated-block container outputs tokens) the last transformer block to
     finish, never the patch embedding. Otherwise the
@@ -192,7 +195,7 @@ def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
             )
         h, w = chosen.grid
         text = f"{chosen.name!r} (the last transformer block), tokens {chosen.shape} as a {h}x{w} grid"
-        return chosen, text + _small_grid_advice(h, w, VIT_GRID_HINT)
+        return chosen, text + (f" ({where})" if where else "") + _small_grid_advice(h, w, VIT_GRID_HINT)
     maps = [info for info in infos if info.is_map and info.grid is not None]
     if not maps:
         four = [info for info in infos if info.shape is not None and len(info.shape) == 4]
@@ -215,7 +218,7 @@ def choose_layer(infos: list[LayerInfo]) -> tuple[LayerInfo, str]:
     h, w = chosen.grid  # type: ignore[misc]
     last = ", channels last, read as (B, C, h, w)" if chosen.channels == "last" else ""
     text = f"{chosen.name!r}, a {h}x{w} grid (output shape {chosen.shape}{last})"
-    return chosen, text + _small_grid_advice(h, w, LARGER_GRID_HINT)
+    return chosen, text + (f" ({where})" if where else "") + _small_grid_advice(h, w, LARGER_GRID_HINT)
 
 
 def _small_grid_advice(h: int, w: int, hint: str) -> str:
@@ -327,11 +330,13 @@ def _listing(infos: list[LayerInfo], limit: int = 6) -> str:
     return ", ".join(f"{info.name!r} {info.shape}" for info in usable[-limit:])
 
 
-def _static_suggestion(model: nn.Module, network: str) -> str:
+def _static_candidates(model: nn.Module, network: str) -> list[str]:
+    # Without a forward that runs: the repeated blocks and 2-d convolutions / norms of the network, in module order.
     root = model.get_submodule(network) if network else model
     prefix = f"{network}." if network else ""
-    blocks = sorted(repeated_blocks(root), key=lambda name: list(dict(root.named_modules())).index(name))
-    return prefix + blocks[-1] if blocks else prefix + "<layer>"
+    blocks = repeated_blocks(root)
+    spatial = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)
+    return [prefix + name for name, module in root.named_modules() if name in blocks or isinstance(module, spatial)]
 
 
 def choose_monitored(
@@ -387,23 +392,25 @@ def choose_monitored(
                 tried.append(f"{where} runs no layer (a stub forward)")
                 continue
             try:
-                chosen, text = choose_layer(infos)
+                chosen, text = choose_layer(infos, where=_where(model, network, call))
             except ValueError as err:
                 tried.append(f"{where}: {_first_line(err)}")
                 seen = seen or infos
                 continue
-            return Monitored(chosen.name, call, _with_network(text, model, network, call))
+            return Monitored(chosen.name, call, text)
     network = monitored_network(model) or ""
-    suggestion = _static_suggestion(model, network)
-    method = (
-        "forward_features"
-        if "forward_features" in network_calls(model.get_submodule(network) if network else model)
-        else "forward"
-    )
+    static = _static_candidates(model, network)
+    listing = _listing(seen) if seen else ", ".join(repr(name) for name in static[-6:]) or "none"
+    suggestion = static[-1] if static else (f"{network}.<layer>" if network else "<layer>")
+    if seen:
+        usable = [info.name for info in seen if info.shape is not None and len(info.shape) in (3, 4)]
+        suggestion = usable[-1] if usable else suggestion
+    calls = network_calls(model.get_submodule(network) if network else model)
+    call = NetworkCall(network, calls[-1])
     raise ValueError(
         f"found no layer to monitor in {type(model).__name__} for images {tuple(images.shape)}: "
-        f"{'; '.join(tried)}. Candidate layers: {_listing(seen)}. Pass layer={suggestion!r} and "
-        f"forward_fn={NetworkCall(network, method).code}."
+        f"{'; '.join(tried)}. Candidate layers: {listing}. Pass layer={suggestion!r} and forward_fn={call.code} "
+        "(with the arguments your training step passes, if it needs more than the images)."
     )
 
 
@@ -412,16 +419,15 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def _with_network(text: str, model: nn.Module, network: str, call: NetworkCall) -> str:
+def _where(model: nn.Module, network: str, call: NetworkCall) -> str:
+    # "in 'student_backbone', not the copies 'teacher_backbone', 'teacher_head'; called as ...forward_features(...)"
     parts = []
     if network:
-        parts.append(f"in {network!r}")
-        copies = [name for name, _ in model.named_children() if is_copy_network(name)]
-        if copies:
-            parts.append(f"not the {', '.join(repr(c) for c in copies)} copy")
+        copies = [repr(name) for name, _ in model.named_children() if is_copy_network(name)]
+        parts.append(f"in {network!r}" + (f", not the copies {', '.join(copies)}" if copies else ""))
     if call.method != "forward":
         parts.append(f"called as {call.code.split(': ', 1)[1]} because forward fails on images alone")
-    return text + (f" ({'; '.join(parts)})" if parts else "")
+    return "; ".join(parts)
 
 
 def candidate_layers(
