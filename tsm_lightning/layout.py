@@ -11,7 +11,8 @@ computes** during the forward pass (:class:`LayoutTracker`), by these rules, in 
    ``LayerNorm2d``); a ``Permute`` module (torchvision's ``ops.misc.Permute``) moves the axes of its input;
 2. **the tensor it returns**: when a sub-module returned that same tensor (a ``Sequential``), its layout;
 3. **its sub-modules**: the layout of the last sub-module to finish with an output of the same shape (a residual
-   block: the last convolution or norm inside it; a Swin block: its LayerNorm and MLP);
+   block: the last convolution or norm inside it; a Swin block: its LayerNorm and MLP), else of the same batch and
+   grid (branches concatenated along the channels: GoogLeNet's and Inception's blocks);
 4. **its input**, for a module with no sub-modules and an output of the input's shape (``ReLU``, ``Dropout``);
    the images are ``(B, C, H, W)``.
 
@@ -178,10 +179,7 @@ class LayoutTracker:
             if layout is None:
                 layout = self._tensors.get(key)  # rule 2 (a sub-module returned it)
             if layout is None and not leaf:  # rule 3
-                for child, child_shape, child_layout in reversed(self._finished):
-                    if child.startswith(prefix) and child_shape == shape:
-                        layout = child_layout
-                        break
+                layout = self._from_inside(prefix, shape)
             if layout is None and leaf:  # rule 4
                 source = _first_4d(args)
                 if source is not None and tuple(source.shape) == shape:
@@ -192,6 +190,19 @@ class LayoutTracker:
                 self._finished.append((name, shape, layout))
 
         return hook
+
+    def _from_inside(self, prefix: str, shape: tuple[int, ...]) -> Channels | None:
+        # The last sub-module output of the same shape; failing that, of the same batch and grid (a concatenation
+        # of branches along the channels, as GoogLeNet's and Inception's blocks).
+        inside = [entry for entry in reversed(self._finished) if entry[0].startswith(prefix)]
+        for _, child_shape, child_layout in inside:
+            if child_shape == shape:
+                return child_layout
+        for _, child_shape, child_layout in inside:
+            same_grid = child_shape[2:] == shape[2:] if child_layout == "first" else child_shape[1:3] == shape[1:3]
+            if child_shape[0] == shape[0] and same_grid:
+                return child_layout
+        return None
 
     def layout_of(self, module: nn.Module) -> Channels | None:
         """The layout of ``module``'s last 4-D output so far (``None``: unknown, or no 4-D output)."""

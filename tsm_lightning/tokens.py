@@ -30,10 +30,12 @@ together.)
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -439,14 +441,12 @@ def _qkv_rows(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, obj
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{type(module).__name__} was not called with a (B, T, D) token tensor.")
     heads: int = module.num_heads  # type: ignore[assignment]
-    q, k, _ = (_split_heads(part, heads) for part in module.qkv(x).chunk(3, dim=-1))
-    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
-    if isinstance(q_norm, nn.Module):
-        q = q_norm(q)
-    if isinstance(k_norm, nn.Module):
-        k = k_norm(k)
-    scale = getattr(module, "scale", None)
-    return class_token_attention(q, k, scale=scale if isinstance(scale, (int, float)) else None)
+    qkv = module.qkv(x)
+    q_bias, k_bias, v_bias = (getattr(module, name, None) for name in ("q_bias", "k_bias", "v_bias"))
+    if isinstance(q_bias, Tensor) and isinstance(k_bias, Tensor) and isinstance(v_bias, Tensor):
+        qkv = qkv + torch.cat((q_bias, k_bias, v_bias))  # EVA: biases kept apart from a bias-free qkv layer
+    q, k, _ = (_split_heads(part, heads) for part in qkv.chunk(3, dim=-1))
+    return _rows(module, q, k, kwargs, getattr(module, "scale", None))
 
 
 def _projection_rows(
@@ -457,14 +457,40 @@ def _projection_rows(
     args: tuple[object, ...],
     kwargs: dict[str, object],
 ) -> Tensor:
-    # Hugging Face: softmax(q_cls . k^T * scaling), with the module's own projections and its `scaling` (or
-    # `scale`) factor, as its eager attention computes it.
-    x = args[0] if args else kwargs.get("hidden_states")
+    # Hugging Face (and timm's EVA without a fused qkv): the module's own separate projections and its `scaling`
+    # (or `scale`) factor, as its eager attention computes it.
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{type(module).__name__} was not called with (B, T, D) hidden states.")
     q, k = _split_heads(query(x), heads), _split_heads(key(x), heads)
-    scale = getattr(module, "scaling", getattr(module, "scale", None))
+    return _rows(module, q, k, kwargs, getattr(module, "scaling", getattr(module, "scale", None)))
+
+
+def _rows(module: nn.Module, q: Tensor, k: Tensor, kwargs: dict[str, object], scale: object) -> Tensor:
+    """``softmax(q_cls . k^T * scale)`` after the module's query / key norms and its rotary embedding, if any."""
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    if isinstance(q_norm, nn.Module):
+        q = q_norm(q)
+    if isinstance(k_norm, nn.Module):
+        k = k_norm(k)
+    rope = kwargs.get("rope")
+    if isinstance(rope, Tensor):  # timm's EVA: the patch tokens' queries and keys are rotated, the prefix kept
+        q, k = _rotated(module, q, rope), _rotated(module, k, rope)
     return class_token_attention(q, k, scale=scale if isinstance(scale, (int, float)) else None)
+
+
+def _rotated(module: nn.Module, x: Tensor, rope: Tensor) -> Tensor:
+    # The rotation of the module's own library (timm's apply_rot_embed_cat, found where the module is defined), so
+    # that this package imports no timm and follows its version.
+    rotate = getattr(sys.modules.get(type(module).__module__), "apply_rot_embed_cat", None)
+    prefix = getattr(module, "num_prefix_tokens", None)
+    if not callable(rotate) or not isinstance(prefix, int):
+        raise ValueError(
+            f"{type(module).__name__} applies a rotary position embedding this package cannot reproduce (no "
+            "apply_rot_embed_cat beside it, or no num_prefix_tokens)."
+        )
+    half = bool(getattr(module, "rotate_half", False))
+    return torch.cat([x[:, :, :prefix], rotate(x[:, :, prefix:], rope, half=half)], dim=2)
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
