@@ -305,6 +305,9 @@ def test_student_teacher_module_monitors_the_student_through_a_stub_forward():
     assert student.shape == (2, 17, 16)
     maps = explain(model, images, methods=["tsm"])  # explain() takes the same choice and call
     assert set(maps) == {"tsm", "attention"}
+    plain = _dinov2_style(lightning=False)  # a plain nn.Module: the forward rule calls the student network too
+    again = capture_features(plain, images, chosen.layer)
+    torch.testing.assert_close(again.features, captured.features)
 
 
 def test_moco_and_byol_names_pick_the_online_network_never_the_copy():

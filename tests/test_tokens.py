@@ -344,3 +344,33 @@ def test_a_vit_without_class_token_gives_no_attention_and_refuses_it_on_request(
     assert set(maps) == {"tsm"}
     with pytest.raises(ValueError, match=r"no class token.*pass attention=False"):
         explain(vit, images, layer="blocks.1", methods=["tsm"], attention=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "grid"),
+    [
+        ("vit_small_patch14_reg4_dinov2", 5, 4),  # class token + 4 registers
+        ("deit_tiny_distilled_patch16_224", 2, 4),  # class + distillation token
+        ("eva02_tiny_patch14_224", 1, 4),  # separate q/v biases, rotary embedding on the patch tokens
+    ],
+)
+def test_timm_class_token_attention_matches_the_blocks_own_softmax(name, prefix, grid):
+    import timm
+
+    torch.manual_seed(0)
+    size = 14 * grid if "patch14" in name else 16 * grid
+    kwargs = {"img_size": size} if "eva" not in name else {"img_size": size, "dynamic_img_size": False}
+    model = timm.create_model(name, pretrained=False, depth=2, **kwargs).eval()
+    for module in model.modules():  # q_bias of a fresh EVA is zero: make the biases matter
+        for attr in ("q_bias", "v_bias"):
+            if isinstance(getattr(module, attr, None), nn.Parameter):
+                nn.init.normal_(getattr(module, attr), std=0.5)
+    images = torch.randn(2, 3, size, size)
+    attention = model.blocks[1].attn
+    attention.fused_attn = False  # the eager path, whose softmax output goes through attn_drop
+    seen = []
+    handle = attention.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    captured = capture_features(model, images, "blocks.1", attention="blocks.1.attn", attention_required=True)
+    handle.remove()
+    expected = seen[0][:, :, 0, prefix:].reshape(2, -1, grid, grid)
+    torch.testing.assert_close(captured.attention, expected)
