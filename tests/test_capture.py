@@ -6,7 +6,7 @@ from torch import nn
 
 from tsm_lightning import TokenGrid, explain
 from tsm_lightning.capture import capture, find_layer, get_layer, layer_shapes
-from tsm_lightning.discovery import choose_layer, choose_monitored
+from tsm_lightning.discovery import NetworkCall, choose_layer, choose_monitored
 from tsm_lightning.layout import LayoutTracker
 from tsm_lightning.pipeline import capture_features, maps_of
 
@@ -315,7 +315,7 @@ def test_moco_and_byol_names_pick_the_online_network_never_the_copy():
 
     from tsm_lightning.capture import is_copy_network, monitored_network
 
-    class MoCoLike(LightningModule):
+    class MoCoLike(nn.Module):  # a plain module: the student rule alone finds encoder_q
         def __init__(self) -> None:
             super().__init__()
             self.encoder_k = tiny_cnn()
@@ -407,3 +407,54 @@ def test_when_nothing_runs_the_error_lists_candidates_and_the_exact_arguments():
         "'student_backbone.net.4'. Pass layer='student_backbone.net.4' and "
         "forward_fn=lambda module, images: module.student_backbone(images)"
     ) in message
+
+
+def test_a_forward_that_runs_the_teacher_never_makes_it_monitored():
+    from lightning.pytorch import LightningModule
+
+    class TwoArgs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x, mask):
+            return self.net(x)
+
+    class EvaluatesWithTheTeacher(LightningModule):
+        def __init__(self, student: nn.Module) -> None:
+            super().__init__()
+            self.student_backbone = student
+            self.teacher_backbone = tiny_cnn()
+
+        def forward(self, x):
+            return self.teacher_backbone(x)
+
+    images = torch.randn(2, 3, 16, 16)
+    chosen = choose_monitored(EvaluatesWithTheTeacher(tiny_cnn()), images)
+    assert chosen.layer.startswith("student_backbone.")  # the student first, though forward runs the teacher
+    message = r"module\(images\) runs only 'teacher_backbone', a copy that is never monitored"
+    with pytest.raises(ValueError, match=message):
+        choose_monitored(EvaluatesWithTheTeacher(TwoArgs()), images)
+
+    class DINOLike(EvaluatesWithTheTeacher):  # lightly's DINO example: forward = student head over the student
+        def __init__(self) -> None:
+            super().__init__(tiny_cnn())
+            self.student_head = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.student_head(self.student_backbone(x))
+
+    chosen = choose_monitored(DINOLike(), images)
+    assert chosen.forward_fn == NetworkCall("student_backbone")  # only the student network runs, not the heads
+
+
+def test_cli_layers_reads_swin_channels_last_and_honours_channels(capsys):
+    from tsm_lightning.cli import main
+
+    assert main(["layers", "--arch", "swin_t", "--image-size", "64"]) == 0
+    told = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert told["features.1"] == "16x16"  # (1, 16, 16, 96): channels last, as the model tells
+    assert told["permute"] == "2x2"  # (1, 768, 2, 2): torchvision's Swin puts them first again at the end
+    assert main(["layers", "--arch", "swin_t", "--image-size", "64", "--channels", "first"]) == 0
+    stated = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert stated["features.1"] == "16x96"  # the user's statement wins, for every 4-D output

@@ -391,6 +391,11 @@ def choose_monitored(
             if not infos:
                 tried.append(f"{where} runs no layer (a stub forward)")
                 continue
+            copies = [info for info in infos if is_copy_network(info.name.split(".", 1)[0])]
+            infos = [info for info in infos if info not in copies]  # a forward that runs a teacher: never it
+            if not infos:
+                tried.append(f"{where} runs only {copies[0].name.split('.', 1)[0]!r}, a copy that is never monitored")
+                continue
             try:
                 chosen, text = choose_layer(infos, where=_where(model, network, call))
             except ValueError as err:
