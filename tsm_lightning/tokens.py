@@ -441,7 +441,8 @@ def _qkv_rows(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, obj
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{type(module).__name__} was not called with a (B, T, D) token tensor.")
     heads: int = module.num_heads  # type: ignore[assignment]
-    qkv = module.qkv(x)
+    qkv_layer: nn.Module = module.qkv  # type: ignore[assignment]
+    qkv = qkv_layer(x)
     q_bias, k_bias, v_bias = (getattr(module, name, None) for name in ("q_bias", "k_bias", "v_bias"))
     if isinstance(q_bias, Tensor) and isinstance(k_bias, Tensor) and isinstance(v_bias, Tensor):
         qkv = qkv + torch.cat((q_bias, k_bias, v_bias))  # EVA: biases kept apart from a bias-free qkv layer
