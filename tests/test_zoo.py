@@ -249,3 +249,23 @@ def test_saliency_monitor_alone_watches_the_students_last_block_and_attention(tm
 
     torch.testing.assert_close(maps["attention"], attention_of(model.student_backbone))
     assert (maps["attention"] - attention_of(model.teacher_backbone)).abs().max() > 1e-3  # not the teacher's
+
+
+def test_explaining_a_model_imports_neither_timm_nor_transformers():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json, torch, torchvision\n"
+        "from tsm_lightning import explain\n"
+        "from tsm_lightning.discovery import choose_monitored\n"
+        "explain(torchvision.models.swin_t(), torch.randn(1, 3, 64, 64), methods=['tsm'])\n"
+        "print(json.dumps({m: m in sys.modules for m in ('timm', 'transformers')}))"
+    )
+    root = str(README.parent)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"timm": False, "transformers": False}
