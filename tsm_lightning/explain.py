@@ -46,12 +46,16 @@ def explain(
             called with ``forward_features`` when ``forward`` fails), and warns which.
         methods: names from :data:`~tsm_lightning.METHODS`.
         forward_fn: ``forward_fn(model, images)``; default :func:`~tsm_lightning.capture.forward_target`'s rule:
-            ``model.backbone(images)`` for a layer under ``backbone`` (or any dotted layer of a LightningModule: its
-            top-level child), else ``model(images)``.
+            ``model.backbone(images)`` for a layer under ``backbone`` or a student / online network (or any dotted
+            layer of a LightningModule: its top-level child), else ``model(images)``; ``forward_features`` when
+            that ``forward`` fails on images alone (:func:`~tsm_lightning.capture.call_network`). With
+            ``layer=None``, the call the automatic choice found to run.
         num_components: components summed by the multivector methods (``None``: all).
         weighting: multivector weighting, ``"singular"``, ``"variance"`` or ``"uniform"``.
         token_grid: how tokens become a map: a :class:`~tsm_lightning.tokens.TokenGrid` or a callable
-            (default: the model's patch grid, the leading class/register tokens dropped).
+            (default: the model's patch grid, the leading class/register tokens dropped);
+            ``TokenGrid(channels="last")`` also states that 4-D outputs are channels-last (default: as the model
+            tells, :mod:`tsm_lightning.layout`).
         attention: also return ``"attention"``, the last block's class-token attention averaged over heads:
             ``None`` (default) when ``layer`` is a transformer block with a class token, ``True`` always (or an
             error), ``False`` never. :func:`attention_maps` gives it per head.
