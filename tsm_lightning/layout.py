@@ -78,8 +78,12 @@ def to_channels_first(output: Tensor, channels: Channels) -> Tensor:
 
 
 def _key(tensor: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    # Identifies a live tensor without holding it: the same storage, shape and strides are the same data.
-    return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
+    # Identifies a live tensor without holding it: the same storage, shape and strides are the same data. A tensor
+    # subclass without storage of its own (a DTensor) is identified by the object.
+    try:
+        return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
+    except (RuntimeError, NotImplementedError):
+        return id(tensor), tuple(tensor.shape), ()
 
 
 def _first_4d(args: object) -> Tensor | None:
