@@ -123,7 +123,7 @@ class Split:
 
 def make_monitor(package: ModuleType, images: Tensor, masks: Tensor, root: Path) -> tuple[Any, Trainer, Any]:
     callbacks = importlib.import_module(f"{package.__name__}.callbacks")
-    monitor = callbacks.SaliencyMonitor(images, masks=masks, layer="backbone.5", num_images=len(images), strict=True)
+    monitor = callbacks.SaliencyMonitor(Probe(images, masks), layer="backbone.5", num_images=len(images), strict=True)
     trainer = Trainer(
         logger=TensorBoardLogger(str(root), name=package.__name__),
         accelerator="cpu",

@@ -21,6 +21,11 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "METHODS": "tsm_lightning.constants",
     "SaliencyMonitor": "tsm_lightning.callbacks",
+    "DisplayOptions": "tsm_lightning.options",
+    "MapOptions": "tsm_lightning.options",
+    "MetricOptions": "tsm_lightning.options",
+    "Probe": "tsm_lightning.probe",
+    "Tracker": "tsm_lightning.tracking",
     "capture": "tsm_lightning.capture",
     "find_layer": "tsm_lightning.discovery",
     "eigencam": "tsm_lightning.core",
@@ -53,7 +58,10 @@ if TYPE_CHECKING:  # what static tools see; at run time the names come from __ge
     )
     from tsm_lightning.discovery import find_layer
     from tsm_lightning.explain import attention_maps, explain
+    from tsm_lightning.options import DisplayOptions, MapOptions, MetricOptions
+    from tsm_lightning.probe import Probe
     from tsm_lightning.tokens import TokenGrid, tokens_to_grid
+    from tsm_lightning.tracking import Tracker
 
 
 def __getattr__(name: str) -> object:
@@ -88,8 +96,13 @@ sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "METHODS",
+    "DisplayOptions",
+    "MapOptions",
+    "MetricOptions",
+    "Probe",
     "SaliencyMonitor",
     "TokenGrid",
+    "Tracker",
     "__version__",
     "attention_maps",
     "capture",
