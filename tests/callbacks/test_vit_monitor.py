@@ -43,7 +43,7 @@ def test_vit_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"monitoring 'backbone\.encoder\.layers\.encoder_layer_1' \(the last transfo"):
         _, watched = _fit(tmp_path / "b", monitor, logger=TensorBoardLogger(tmp_path / "b"))
-    assert monitor._resolved_layer == LAST_BLOCK  # never the patch embedding conv_proj
+    assert monitor.layer == LAST_BLOCK  # never the patch embedding conv_proj
     assert monitor.logged_steps == [0, 2, 4, 6]
     assert plain.losses == watched.losses
     for key, value in plain.state_dict().items():
