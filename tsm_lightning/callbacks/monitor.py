@@ -260,10 +260,9 @@ class SaliencyMonitorMixin:
             self._run_guarded(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Log the final state once (unless this step was just logged or just failed to be), then write it all."""
+        """Log the final state once, unless this step was just logged (or just failed to be)."""
         if "end" in self.log_on_fit and self._runs_here(trainer) and trainer.global_step != self._last_attempted_step:
             self._run_guarded(trainer, pl_module)
-        self._close_writer()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Write what was computed before training failed, without hiding the training's own error."""
@@ -271,7 +270,7 @@ class SaliencyMonitorMixin:
             self._close_writer(report=False)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Write what is still queued and stop the writer's thread."""
+        """Write what is still queued (when ``fit`` ends, or any other stage) and stop the writer's thread."""
         self._close_writer()
 
     # ------------------------------------------------------------------------------------------------ one run
