@@ -130,7 +130,9 @@ def test_fsdp2_strict_logging_failure_on_rank_zero_raises_on_every_rank(tmp_path
     assert reports[0]["step"] == reports[1]["step"] == 2
     expected = "RuntimeError: writing the run of step 0 failed: OSError: injected logging failure on rank 0"
     assert reports[0]["error"] == expected
-    assert reports[1]["error"].startswith(f"RuntimeError: SaliencyMonitor failed at step 2 on rank 0 (rank 0: {expected}")
+    assert reports[1]["error"].startswith(
+        f"RuntimeError: SaliencyMonitor failed at step 2 on rank 0 (rank 0: {expected}"
+    )
 
 
 def _image_tags(out: Path) -> list[str]:

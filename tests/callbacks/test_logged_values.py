@@ -9,6 +9,8 @@ that never changes, ``stability_prev`` against the previous run and ``stability_
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -161,7 +163,7 @@ def test_stability_is_against_the_previous_and_the_first_run(logged):
     scalars, tsm, _ = logged
     steps = sorted(tsm)
     assert "saliency/tsm/stability_prev" not in scalars[0]
-    for previous, step in zip(steps, steps[1:], strict=False):
+    for previous, step in itertools.pairwise(steps):
         assert scalars[step]["saliency/tsm/stability_prev"] == pytest.approx(
             _pearson(tsm[step], tsm[previous]), abs=1e-5
         )

@@ -154,11 +154,11 @@ def test_unwritable_output_warns_and_training_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr("tsm_lightning.sinks.save_png", full_disk)
     monitor = SaliencyMonitor(torch.randn(2, 3, 16, 16), layer=LAYER, every_n_steps=2, num_images=2)
-    with pytest.warns(RuntimeWarning, match="writing the run of step 0 failed: OSError.*No space left on device"):
+    with pytest.warns(RuntimeWarning, match=r"writing the run of step 0 failed: OSError.*No space left on device"):
         trainer, _ = _fit(tmp_path, monitor, max_steps=4, logger=False)
     assert trainer.global_step == 4 and monitor.logged_steps == [0, 2, 4]  # computing went on; writing failed
     strict = SaliencyMonitor(torch.randn(2, 3, 16, 16), layer=LAYER, every_n_steps=2, num_images=2, strict=True)
-    with pytest.raises(RuntimeError, match="writing the run of step 0 failed: OSError.*No space left"):
+    with pytest.raises(RuntimeError, match=r"writing the run of step 0 failed: OSError.*No space left"):
         _fit(tmp_path / "strict", strict, max_steps=4, logger=False)
 
 
