@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from tsm_lightning.checks import check_positive_int
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, WEIGHTINGS
 from tsm_lightning.render import COLORMAPS
 from tsm_lightning.tokens import TokenGridSpec, check_token_grid
@@ -23,12 +24,13 @@ from tsm_lightning.tokens import TokenGridSpec, check_token_grid
 __all__ = ["DisplayOptions", "MapOptions", "MetricOptions"]
 
 
-def _positive_int(name: str, value: object, *, optional: bool = False, minimum: int = 1) -> None:
+def _at_least(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    # A positive integer (never a bool) of at least ``minimum``; None too when ``optional``.
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}.")
+    check_positive_int(value, name)
+    if value < minimum:  # type: ignore[operator]
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ class DisplayOptions:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        _positive_int("DisplayOptions.images", self.images)
-        _positive_int("DisplayOptions.tile_size", self.tile_size, optional=True, minimum=8)
+        check_positive_int(self.images, "DisplayOptions.images")
+        _at_least("DisplayOptions.tile_size", self.tile_size, 8, optional=True)
         if self.colormap not in COLORMAPS:
             raise ValueError(f"Unknown colormap {self.colormap!r}; valid colormaps are {tuple(COLORMAPS)}.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -93,7 +95,8 @@ class MapOptions:
     attention_heads: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("MapOptions.num_components", self.num_components, optional=True)
+        if self.num_components is not None:
+            check_positive_int(self.num_components, "MapOptions.num_components")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; valid weightings are {WEIGHTINGS}.")
         if self.attention not in (None, True, False):
@@ -136,7 +139,8 @@ class MetricOptions:
         for name in ("enabled", "stability_reference"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MetricOptions.{name} must be True or False, got {getattr(self, name)!r}.")
-        _positive_int("MetricOptions.faithfulness_every_n_runs", self.faithfulness_every_n_runs, optional=True)
-        _positive_int("MetricOptions.faithfulness_steps", self.faithfulness_steps, minimum=2)
+        if self.faithfulness_every_n_runs is not None:
+            check_positive_int(self.faithfulness_every_n_runs, "MetricOptions.faithfulness_every_n_runs")
+        _at_least("MetricOptions.faithfulness_steps", self.faithfulness_steps, 2)
         if self.embed_fn is not None and not callable(self.embed_fn):
             raise ValueError(f"MetricOptions.embed_fn must be callable or None, got {self.embed_fn!r}.")

@@ -1,12 +1,10 @@
 """SaliencyMonitor: log how a fixed probe batch's saliency evolves while a model trains.
 
-The callback is Lightning wiring over one :class:`~tsm_lightning.tracking.Tracker` (the run object, which owns the
-probe, the layer, the maps, metrics, references and pictures): it decides when a run happens and on which rank,
-draws the probe from the trainer's data when none is given, keeps the state a checkpoint needs, and hands each run's
-pictures and scalars to a :class:`~tsm_lightning.sinks.BackgroundWriter`, so that PNG encoding and event writing
-leave the training thread. Sharded training goes through :mod:`tsm_lightning.callbacks.sharding`. The
-implementation is one mixin, :class:`SaliencyMonitorMixin`, combined with ``lightning.pytorch.Callback`` here and
-with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pl`.
+Lightning wiring over one :class:`~tsm_lightning.tracking.Tracker` (the run object: probe, layer, maps, metrics,
+references, pictures): when a run happens and on which rank, the probe drawn from the trainer's data when none is
+given, the checkpoint state, and a :class:`~tsm_lightning.sinks.BackgroundWriter` that takes PNG encoding and event
+writing off the training thread. :class:`SaliencyMonitorMixin` is combined with ``lightning.pytorch.Callback`` here
+and with ``pytorch_lightning.Callback`` in :mod:`tsm_lightning.callbacks.pl`.
 """
 
 from __future__ import annotations
@@ -20,8 +18,9 @@ from typing import Any
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
+from tsm_lightning.callbacks.sharding import Sharding, describe_failures, detect_sharding, skip_or_raise
 from tsm_lightning.capture import ForwardFn, get_layer
+from tsm_lightning.checks import check_positive_int
 from tsm_lightning.core import METHODS
 from tsm_lightning.options import DisplayOptions, MapOptions, MetricOptions
 from tsm_lightning.pipeline import Captured
@@ -110,13 +109,13 @@ class SaliencyMonitorMixin:
             )
         if every_n_steps is None and every_n_epochs is None:
             every_n_steps = DEFAULT_EVERY_N_STEPS
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if num_images is not None and (
-            isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("every_n_epochs", every_n_epochs),
+            ("num_images", num_images),
         ):
-            raise ValueError(f"num_images must be a positive integer or None, got {num_images!r}.")
+            if value is not None:
+                check_positive_int(value, name)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         if isinstance(log_on_fit, str) or not set(log_on_fit) <= set(LOG_ON_FIT):
@@ -217,7 +216,7 @@ class SaliencyMonitorMixin:
             if error is not None:
                 raise error
             if failures:
-                raise RuntimeError(f"SaliencyMonitor could not start on {_ranks(failures)} ({_reasons(failures)}).")
+                raise RuntimeError(f"SaliencyMonitor could not start on {describe_failures(failures)}.")
         if trainer.is_global_zero:
             self._tell_samples_per_plugin(trainer)
         if "start" in self.log_on_fit and self.last_logged_step != trainer.global_step:
@@ -305,7 +304,7 @@ class SaliencyMonitorMixin:
             error = err
         failures = sharding.agree(error)
         if failures:
-            self._skip_or_raise(step, failures, error)
+            skip_or_raise(step, failures, error, strict=self.strict)
             return
         self.last_logged_step = step  # on every rank, so that all of them run at the same steps
         error = None
@@ -317,25 +316,9 @@ class SaliencyMonitorMixin:
         if self.strict:
             failures = sharding.agree(error)
             if failures:
-                self._skip_or_raise(step, failures, error)
+                skip_or_raise(step, failures, error, strict=self.strict)
         elif error is not None:
-            self._skip_or_raise(step, {0: f"{type(error).__name__}: {error}"}, error)
-
-    def _skip_or_raise(self, step: int, failures: dict[int, str], error: Exception | None) -> None:
-        reasons = _reasons(failures)
-        if self.strict:
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                f"SaliencyMonitor failed at step {step} on {_ranks(failures)} ({reasons}); stopping every rank "
-                "because strict=True."
-            )
-        warnings.warn(
-            f"SaliencyMonitor skipped step {step} on every rank ({reasons}). Training continues; pass strict=True "
-            "to stop on such errors.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+            skip_or_raise(step, {0: f"{type(error).__name__}: {error}"}, error, strict=self.strict)
 
     def run(self, trainer: Any, pl_module: Any, captured: Captured | None = None) -> RunResult:
         """Compute this step's maps, metrics and pictures and queue them for writing (rank zero only).
@@ -408,30 +391,18 @@ class SaliencyMonitorMixin:
 class SaliencyMonitor(SaliencyMonitorMixin, Callback):
     """Lightning callback that logs label-free saliency maps of a fixed probe batch while a model trains.
 
-    Every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs), plus once when training starts and
-    once when it ends, the monitor runs the probe through the model in eval mode under ``torch.no_grad()`` and
-    outside autocast, captures ``layer``, computes the requested maps (EigenCAM, TSM, Multivec-EigenCAM, MTSM)
-    and logs, with ``global_step = trainer.global_step``:
+    Every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs), plus once when training starts and once
+    when it ends, the probe runs through the model in eval mode, under ``no_grad`` and outside autocast; ``layer`` is
+    captured and the maps (EigenCAM, TSM, Multivec-EigenCAM, MTSM; a vision transformer's class-token attention
+    beside them) are logged at ``global_step`` as pictures (``saliency/<method>``, ``saliency/all``) and scalars
+    (``saliency/<method>/<metric>``: means over every probe image, beside their reference series). TensorBoard
+    loggers get ``add_image``/``add_scalar``, loggers with ``log_image`` (W&B, ...) get that, others PNG files;
+    the writing happens on a background thread. What one run does is :class:`~tsm_lightning.tracking.Tracker`'s.
 
-    * images ``saliency/<method>`` (top row: probe images, bottom row: overlays) and ``saliency/all`` (one row
-      per probe image: input, then one overlay per method);
-    * scalars ``saliency/<method>/<metric>``, means over every probe image, beside their reference series.
-
-    Vision transformers are monitored like CNNs: a block's tokens become a map on the model's patch grid, and the
-    last block's class-token attention is logged beside the methods as ``saliency/attention``.
-
-    TensorBoard loggers get ``add_image``/``add_scalar``; loggers with a ``log_image`` method (W&B, ...) get that;
-    others get PNG files under their ``log_dir``; with ``logger=False`` PNGs go under
-    ``trainer.default_root_dir/saliency``. The writing (PNG encoding, event files) happens on one background thread
-    with a bounded queue, flushed when training ends, fails or is torn down.
-
-    It has no side effects on training: it runs on global rank zero only and calls the unwrapped LightningModule
-    (no DDP collective; SyncBatchNorm in eval mode does not communicate), except with sharded parameters (FSDP,
-    DeepSpeed ZeRO-3), where every rank runs the probe forward with the parameters gathered (see
-    :mod:`tsm_lightning.callbacks.sharding`) and rank zero alone computes and logs; every sub-module's train/eval
-    flag is restored, the hook removed in ``finally``, parameters, gradients, optimizer state, BatchNorm statistics and
-    the global RNG streams are left as they were. Errors inside the monitor become a warning (or are raised with
-    ``strict=True``).
+    No side effects on training: rank zero alone runs the unwrapped LightningModule (every rank under sharded
+    parameters, see :mod:`tsm_lightning.callbacks.sharding`); train/eval flags, hooks, parameters, gradients,
+    optimizer state, BatchNorm statistics and the global RNG streams are left as they were. Errors inside the
+    monitor become a warning (or are raised with ``strict=True``).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -467,12 +438,3 @@ def _info(message: str) -> None:
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(message)
-
-
-def _ranks(failures: dict[int, str]) -> str:
-    ranks = sorted(failures)
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
-
-def _reasons(failures: dict[int, str]) -> str:
-    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
