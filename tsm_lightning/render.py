@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, METHOD_LABELS
+from tsm_lightning.constants import ATTENTION, ATTENTION_LABEL, IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.core.methods import METHOD_TABLE
 
 __all__ = [
     "COLORMAPS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "METHOD_LABELS",
     "apply_colormap",
     "comparison_grid",
     "denormalize",
@@ -170,8 +168,10 @@ _LABEL_BAND = 15  # pixels of the header row: the font's ascent and descent plus
 
 
 def label(name: str) -> str:
-    """Display name of a method (:data:`METHOD_LABELS`), or ``name`` itself for anything else."""
-    return METHOD_LABELS.get(name, name)
+    """Display name: a method's label from its table entry, the attention map's, or ``name`` itself otherwise."""
+    if name in METHOD_TABLE:
+        return METHOD_TABLE[name].label
+    return ATTENTION_LABEL if name == ATTENTION else name
 
 
 def _font() -> object:

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from tsm_lightning.data import (
     HELDOUT_SEED_OFFSET,
     OBJECT_SHAPES,
@@ -15,7 +16,6 @@ from tsm_lightning.data import (
     view_augmentation,
 )
 from tsm_lightning.metrics import pointing_game, random_maps
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_STD)[:, None, None]

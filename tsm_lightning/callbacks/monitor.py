@@ -22,8 +22,8 @@ from torch import Tensor
 
 from tsm_lightning.callbacks.sharding import Sharding, detect_sharding
 from tsm_lightning.capture import forward_target, get_layer
-from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
-from tsm_lightning.core import METHODS, WEIGHTINGS, Decomposition, upsample_maps, validate_methods
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, METHODS, WEIGHTINGS
+from tsm_lightning.core import Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.discovery import candidate_layers, choose_layer, search_root
 from tsm_lightning.metrics import default_embed_fn
