@@ -42,9 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tsm_lightning.capture import full_tensor as full_features
-
-__all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "detect_sharding", "full_features"]
+__all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "detect_sharding"]
 
 SHARDING_KINDS = ("fsdp2", "fsdp1", "deepspeed", "dtensor")
 """What :func:`detect_sharding` can return, in the order it checks."""
