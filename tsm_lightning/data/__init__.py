@@ -14,6 +14,7 @@ Modules: ``base`` (what the two synthetic datasets share: indexing, the sample, 
 ``views`` (:class:`BackgroundSwapViews`, :func:`view_augmentation`) and ``folder``.
 """
 
+from tsm_lightning.data._texture_drawing import OBJECT_SHAPES, TEXTURES
 from tsm_lightning.data.base import HELDOUT_SEED_OFFSET, sample_seed
 from tsm_lightning.data.folder import (
     IMAGE_EXTENSIONS,
@@ -25,7 +26,7 @@ from tsm_lightning.data.folder import (
     resize_center_crop,
 )
 from tsm_lightning.data.synthetic import SHAPES, SyntheticObject, SyntheticShapes
-from tsm_lightning.data.textured import OBJECT_SHAPES, TEXTURES, TexturedObject, TexturedObjects
+from tsm_lightning.data.textured import TexturedObject, TexturedObjects
 from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
 __all__ = [
