@@ -58,9 +58,10 @@ def check_transform(transform: object) -> Callable[[Image.Image], Any] | None:
 class MaskedImages(Dataset):
     """What the built-in datasets share: indexing, the ``(x, mask)`` sample, the probe and the held-out set.
 
-    A subclass's ``__init__`` takes ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in
-    that order and passes all five on to this ``__init__``, which checks them (``image_size`` against the
-    subclass's :attr:`min_image_size`); it defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``.
+    Every built-in dataset is constructed by this ``__init__`` (``num_samples``, ``image_size``, ``seed``,
+    ``transform``, ``normalize``, documented by each subclass), which checks the arguments (``image_size`` against the
+    subclass's :attr:`min_image_size`). A subclass defines ``render(index) -> (image (3, S, S) in [0, 1], mask
+    (S, S) bool)``, drawing on :attr:`pixel_centres`.
     One that draws many samples faster at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
     """
 
@@ -70,23 +71,27 @@ class MaskedImages(Dataset):
 
     num_samples: int
     image_size: int
+    pixel_centres: Tensor
+    """``(S,)`` float32 coordinates of the pixel centres in ``(0, 1)``, the same along both axes."""
     seed: int
     transform: Callable[[Image.Image], Any] | None
     normalize: bool
 
     def __init__(
         self,
-        num_samples: int,
-        image_size: int,
-        seed: int,
-        transform: Callable[[Image.Image], Any] | None,
-        normalize: bool,
+        num_samples: int = 1024,
+        image_size: int = 64,
+        seed: int = 0,
+        transform: Callable[[Image.Image], Any] | None = None,
+        normalize: bool = True,
     ) -> None:
         self.num_samples = check_int(num_samples, "num_samples", 1)
         self.image_size = check_int(image_size, "image_size", self.min_image_size, self.min_image_size_reason)
         self.seed = check_int(seed, "seed")
         self.transform = check_transform(transform)
         self.normalize = normalize
+        # Pixel centres in (0, 1), what the subclasses draw on.
+        self.pixel_centres = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
 
     def render(self, index: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - every subclass defines it
         """Draw sample ``index``: ``(image, mask)``."""

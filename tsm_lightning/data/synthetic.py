@@ -29,13 +29,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from tsm_lightning.data.base import MaskedImages, hsv_to_rgb, sample_seed
@@ -105,18 +102,6 @@ class SyntheticShapes(MaskedImages):
     min_image_size = 16
     min_image_size_reason = "objects need room to be drawn"
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        image_size: int = 64,
-        seed: int = 0,
-        transform: Callable[[Image.Image], Any] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(num_samples, image_size, seed, transform, normalize)
-        coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
-        self._yy, self._xx = torch.meshgrid(coords, coords, indexing="ij")
-
     # ------------------------------------------------------------------------------------------------ public helpers
 
     def render(self, index: int, background: bool = True) -> tuple[Tensor, Tensor]:
@@ -178,9 +163,14 @@ class SyntheticShapes(MaskedImages):
             image = (image + noise).clamp(0.0, 1.0)
         return image, torch.stack(visible), objects
 
+    def _grid(self) -> tuple[Tensor, Tensor]:
+        """``(yy, xx)``: the ``(S, S)`` pixel-centre coordinates in ``(0, 1)``."""
+        yy, xx = torch.meshgrid(self.pixel_centres, self.pixel_centres, indexing="ij")
+        return yy, xx
+
     def _background(self, g: torch.Generator) -> Tensor:
         """Smooth random colour gradient + low-frequency colour noise + faint stripes: float ``(3, S, S)``."""
-        s, yy, xx = self.image_size, self._yy, self._xx
+        s, (yy, xx) = self.image_size, self._grid()
         c0, c1 = 0.1 + 0.8 * torch.rand(2, 3, 1, 1, generator=g)
         theta = 2 * math.pi * _uniform(g)
         t = 0.5 + ((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta)) / math.sqrt(2)
@@ -251,7 +241,8 @@ class SyntheticShapes(MaskedImages):
         self, kind: str, center: tuple[float, float], area: float, extent: float, aspect: float, angle: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Bool ``(S, S)`` mask of the object's pixels and the rotated coordinates ``u, v`` around its centre."""
-        dy, dx = self._yy - center[0], self._xx - center[1]
+        yy, xx = self._grid()
+        dy, dx = yy - center[0], xx - center[1]
         cos, sin = math.cos(angle), math.sin(angle)
         u, v = cos * dx + sin * dy, -sin * dx + cos * dy
         if kind == "disc":

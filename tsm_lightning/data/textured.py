@@ -51,13 +51,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from tsm_lightning.data._texture_drawing import (
@@ -160,17 +158,6 @@ class TexturedObjects(MaskedImages):
     min_image_size = 32
     min_image_size_reason = "textures need a few pixels per period"
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        image_size: int = 64,
-        seed: int = 0,
-        transform: Callable[[Image.Image], Any] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(num_samples, image_size, seed, transform, normalize)
-        self._coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
-
     # ------------------------------------------------------------------------------------------------ public helpers
 
     def render(self, index: int, clutter: bool = True) -> tuple[Tensor, Tensor]:
@@ -270,7 +257,7 @@ class TexturedObjects(MaskedImages):
         u = torch.stack(uniforms)
         sigma = lerp(u[:, SHAPE_PARAMS], _NOISE_SIGMA)
         table = shape_table(u[:, :SHAPE_PARAMS], _OBJECT_AREA, _OBJECT_CENTER, _OBJECT_PERIOD)
-        pixels, masks = draw_shapes(table, self._coords)
+        pixels, masks = draw_shapes(table, self.pixel_centres)
         pixels = (pixels + sigma[:, None, None, None] * torch.stack(noises)).clamp(0.0, 1.0)
         return pixels, masks, sigma
 
@@ -294,7 +281,7 @@ class TexturedObjects(MaskedImages):
         # Patches of colour gratings: stripes with the textures' colours, periods and profile, blended in where a
         # smooth random field exceeds a threshold.
         gu = u[:, n_cells : n_cells + n_gratings].reshape(b * NUM_GRATINGS, _GRATING_PARAMS)
-        grating = gratings(gu, self._coords, _GRATING_PERIOD)  # (BG, 3, S, S)
+        grating = gratings(gu, self.pixel_centres, _GRATING_PERIOD)  # (BG, 3, S, S)
         field = gu[:, _GRATING_PARAMS - _BLEND_CELLS**2 :].reshape(-1, 1, _BLEND_CELLS, _BLEND_CELLS)
         field = F.interpolate(field, size=(s, s), mode="bicubic", align_corners=True)
         threshold = lerp(gu[:, 9], _GRATING_THRESHOLD)[:, None, None, None]
@@ -306,7 +293,8 @@ class TexturedObjects(MaskedImages):
 
         # Distractors: smaller textured shapes of the object's kinds and textures, painted in order.
         du = u[:, n_cells + n_gratings :].reshape(b * NUM_DISTRACTORS, SHAPE_PARAMS)
-        pixels, masks = draw_shapes(shape_table(du, _DISTRACTOR_AREA, (0.0, 1.0), _DISTRACTOR_PERIOD), self._coords)
+        table = shape_table(du, _DISTRACTOR_AREA, (0.0, 1.0), _DISTRACTOR_PERIOD)
+        pixels, masks = draw_shapes(table, self.pixel_centres)
         pixels = pixels.reshape(b, NUM_DISTRACTORS, 3, s, s)
         masks = masks.reshape(b, NUM_DISTRACTORS, 1, s, s)
         for k in range(NUM_DISTRACTORS):
