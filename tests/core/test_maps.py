@@ -212,8 +212,9 @@ def test_bad_options_raise_clearly():
     feats = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match="weighting"):
         saliency_maps(feats, weighting="log")
-    with pytest.raises(ValueError, match="num_components"):
-        saliency_maps(feats, num_components=0)
+    for bad in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ValueError, match=rf"num_components must be a positive integer .* or None .*got {bad!r}"):
+            saliency_maps(feats, num_components=bad)
 
 
 def test_normalized_maps_are_in_unit_range_and_hit_both_ends():
