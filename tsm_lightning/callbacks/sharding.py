@@ -283,7 +283,7 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}" if error is not None else ""
 
 
-def _fsdp2_class() -> type | None:
+def _fsdp2_class() -> Any:
     try:
         from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
     except ImportError:

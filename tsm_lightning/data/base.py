@@ -153,16 +153,14 @@ class MaskedImages(Dataset):
         :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
         to an augmented view (cropped, flipped) does not describe that view.
         """
-        return type(self)(self.num_samples, self.image_size, self.seed, None, True)  # type: ignore[call-arg]
+        return type(self)(self.num_samples, self.image_size, self.seed, None, True)
 
     def held_out(self, num_samples: int = 256) -> MaskedImages:
         """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
 
         It has no transform and the same ``normalize`` setting.
         """
-        return type(self)(  # type: ignore[call-arg]
-            num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize
-        )
+        return type(self)(num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize)
 
     def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Samples ``start, ..., stop - 1`` as :meth:`render` draws them, for :meth:`probe`.

@@ -152,7 +152,7 @@ class SyntheticShapes(MaskedImages):
         noise = torch.randn(bg.shape, generator=g) * noise_sigma
 
         image = bg if background else torch.zeros_like(bg)
-        visible = []
+        visible: list[Tensor] = []  # each object's mask, minus what the objects drawn after it cover
         for obj, (inside, u, v) in zip(objects, shapes, strict=True):
             shading = self._shading(obj, u, v)
             fill = (torch.tensor(obj.color)[:, None, None] * shading).clamp(0.02, 1.0)
@@ -271,7 +271,7 @@ class SyntheticShapes(MaskedImages):
         candidates = hsv_to_rgb(hsv)  # (K, 3)
         covered = bg[:, inside]  # (3, M)
         distance = (candidates[:, :, None] - covered[None]).abs().sum(dim=1).mean(dim=1)
-        return tuple(candidates[int(distance.argmax())].tolist())  # type: ignore[return-value]
+        return tuple(candidates[int(distance.argmax())].tolist())
 
     @staticmethod
     def _shading(obj: SyntheticObject, u: Tensor, v: Tensor) -> Tensor:

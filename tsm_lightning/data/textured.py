@@ -224,7 +224,7 @@ class TexturedObjects(MaskedImages):
             texture_angle=math.pi * r[8],
             period=flerp(r[7], _OBJECT_PERIOD),
             sharpness=flerp(r[11], SHARPNESS),
-            colors=(tuple(c[0]), tuple(c[1])),  # type: ignore[arg-type]
+            colors=(tuple(c[0]), tuple(c[1])),
             noise_sigma=flerp(r[SHAPE_PARAMS], _NOISE_SIGMA),
         )
 
