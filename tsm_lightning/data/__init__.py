@@ -9,9 +9,10 @@
 * :class:`ImageFolder` -- a flat or nested folder of real photos, returning ``(image_or_views, index)``.
 * :func:`find_image_files`, :func:`load_images` -- file, folder and glob handling shared with the CLI.
 
-Modules: ``base`` (what the two synthetic datasets share: indexing, the sample, the probe, the held-out set,
-:func:`sample_seed`), ``synthetic``, ``textured`` (with its private batched drawing, ``_texture_drawing``),
-``views`` (:class:`BackgroundSwapViews`, :func:`view_augmentation`) and ``folder``.
+Modules: ``base`` (what the two synthetic datasets share: the constructor and its checks, indexing, the sample, the
+probe, the held-out set, :func:`sample_seed`; the checks serve ``folder`` and ``views`` too), ``synthetic``,
+``textured`` (with its private batched drawing, ``_texture_drawing``), ``views`` (:class:`BackgroundSwapViews`,
+:func:`view_augmentation`) and ``folder``.
 """
 
 from tsm_lightning.data._texture_drawing import OBJECT_SHAPES, TEXTURES
