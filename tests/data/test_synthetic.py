@@ -179,21 +179,6 @@ def test_index_errors_and_negative_indices(ds):
         ds.probe(0)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"num_samples": 0}, "num_samples"),
-        ({"num_samples": -3}, "num_samples"),
-        ({"image_size": 15}, "image_size"),
-        ({"image_size": 8}, ">= 16"),
-        ({"transform": "not callable"}, "transform"),
-    ],
-)
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SyntheticShapes(**kwargs)
-
-
 def test_smallest_image_size_still_draws_objects():
     tiny = SyntheticShapes(num_samples=8, image_size=16)
     for i in range(8):

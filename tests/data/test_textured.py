@@ -253,21 +253,6 @@ def test_index_errors_and_negative_indices(ds):
         ds.render_views(0, [1.0])
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"num_samples": 0}, "num_samples"),
-        ({"num_samples": 2.0}, "num_samples"),
-        ({"image_size": 31}, ">= 32"),
-        ({"seed": "0"}, "seed"),
-        ({"transform": "not callable"}, "transform"),
-    ],
-)
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TexturedObjects(**kwargs)
-
-
 def test_other_image_sizes():
     for size in (32, 48, 96):
         small = TexturedObjects(num_samples=4, image_size=size)
