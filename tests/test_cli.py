@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from tsm_lightning import cli
-from tsm_lightning.core import METHODS
+from tsm_lightning.constants import METHODS
 
 TINYMOD = """
 import torch

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from tsm_lightning.capture import ForwardFn, forward_target, get_layer
-from tsm_lightning.core import METHODS, Decomposition, upsample_maps, validate_methods
+from tsm_lightning.constants import METHODS
+from tsm_lightning.core import Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
 from tsm_lightning.discovery import candidate_layers, choose_layer, search_root
 from tsm_lightning.metrics import default_embed_fn

@@ -2,7 +2,7 @@
 
 A real Trainer fits a tiny model with a 12-image probe whose masks all differ, of which the pictures show 3. A
 second callback, after the monitor, captures the monitored layer itself at the same steps (a plain forward hook);
-from those features the maps are recomputed with the numpy SVD references of ``tests/reference.py`` and every
+from those features the maps are recomputed with the numpy SVD references of ``benchmarks/reference_paths.py`` and every
 logged scalar with numpy below: means over **all** probe images, chance from **all** masks, a random-map series
 that never changes, ``stability_prev`` against the previous run and ``stability_first`` against the first.
 """
@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
+from reference_paths import svd_tsm_mtsm
 
 from tests.lightning_helpers import TinySimSiam, loader, trainer_kwargs
-from tests.reference import svd_tsm_mtsm
 from tsm_lightning import DisplayOptions, Probe, SaliencyMonitor
 from tsm_lightning.metrics import random_maps
 
@@ -120,7 +120,7 @@ def logged(tmp_path_factory):
     model = TinySimSiam(lr=0.2)
     trainer = Trainer(callbacks=[monitor, tap], **trainer_kwargs(tmp_path, logger=False, max_steps=STEPS))
     trainer.fit(model, loader())
-    tsm = {step: svd_tsm_mtsm(features)[0] for step, features in tap.features.items()}
+    tsm = {step: svd_tsm_mtsm(features.double().numpy())[0] for step, features in tap.features.items()}
     return sink.scalars, tsm, masks.numpy()
 
 

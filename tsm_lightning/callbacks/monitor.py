@@ -21,7 +21,7 @@ from torch import Tensor
 from tsm_lightning.callbacks.sharding import Sharding, describe_failures, detect_sharding, skip_or_raise
 from tsm_lightning.capture import ForwardFn, get_layer
 from tsm_lightning.checks import check_positive_int
-from tsm_lightning.core import METHODS
+from tsm_lightning.constants import METHODS
 from tsm_lightning.options import DisplayOptions, MapOptions, MetricOptions
 from tsm_lightning.pipeline import Captured
 from tsm_lightning.probe import Probe, ProbeFn, check_probe_source

@@ -43,17 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tsm_lightning.capture import full_tensor as full_features
-
-__all__ = [
-    "SHARDING_KINDS",
-    "Sharding",
-    "agree_on_failure",
-    "describe_failures",
-    "detect_sharding",
-    "full_features",
-    "skip_or_raise",
-]
+__all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "describe_failures", "detect_sharding", "skip_or_raise"]
 
 SHARDING_KINDS = ("fsdp2", "fsdp1", "deepspeed", "dtensor")
 """What :func:`detect_sharding` can return, in the order it checks."""
@@ -324,7 +314,7 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}" if error is not None else ""
 
 
-def _fsdp2_class() -> type | None:
+def _fsdp2_class() -> Any:
     try:
         from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
     except ImportError:

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.data.base import check_int, check_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -200,8 +201,7 @@ def load_images(
         FileNotFoundError: If a path does not exist or a pattern matches nothing.
         ValueError: If ``image_size < 1`` or no file could be read.
     """
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"`image_size` must be a positive int, got {image_size!r}.")
+    check_int(image_size, "image_size", 1)
     files = find_image_files(paths, recursive=recursive)
     tensors: list[Tensor] = []
     ok: list[Path] = []
@@ -273,13 +273,9 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist.")
         if not root.is_dir():
             raise NotADirectoryError(f"{str(root)!r} is not a folder; ImageFolder needs a folder of images.")
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"`image_size` must be a positive int or None, got {image_size!r}.")
-        if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
         self.root = root
-        self.transform = transform
-        self.image_size = image_size
+        self.transform = check_transform(transform)
+        self.image_size = None if image_size is None else check_int(image_size, "image_size", 1)
         self.normalize = normalize
         self.recursive = recursive
         self.files: list[Path] = []
