@@ -5,11 +5,12 @@ initialisation (:data:`RANDOM_SEED`), and :class:`Loaded` says so. torch, torchv
 imported only when a model is loaded.
 
 Checkpoints are data, not code. Every file is read by :func:`read_checkpoint` with torch's weights-only unpickler,
-which builds tensors, containers and the few plain types ordinary Lightning checkpoints hold
-(:func:`allowed_globals`) and rejects anything else with a :class:`CLIError` naming :data:`TRUST_FLAG`; ``.safetensors``
-files are read with safetensors. The LightningModule class comes from ``--model`` (code the user names): it is
-built with the checkpoint's saved hyper-parameters and the state_dict loaded strictly (:func:`build_module`). Only
-with ``trust=True`` (``--trust-checkpoint``) is a file fully unpickled and may it name its own class.
+which builds tensors, containers and the one plain type beyond torch's defaults that ordinary Lightning checkpoints
+hold (paths: :func:`allowed_globals`) and rejects anything else with a :class:`CLIError` naming :data:`TRUST_FLAG`;
+``.safetensors`` files are read with safetensors. The LightningModule class comes from ``--model`` (code the user
+names): it is built with the checkpoint's saved hyper-parameters and the state_dict loaded strictly
+(:func:`build_module`). Only with ``trust=True`` (``--trust-checkpoint``) is a file fully unpickled and may it name
+its own class.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ __all__ = [
 _PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
 _HPARAM_CLASS_KEYS = ("_class_path", "class_path")
 _HPARAM_PRIVATE_KEYS = ("_class_path", "_instantiator")  # LightningCLI's: how to build, not arguments of the class
-_HPARAMS_KEY, _HPARAMS_NAME_KEY, _PAST_HPARAMS_KEYS = "hyper_parameters", "hparams_name", ("hparams", "module_arguments")
+_HPARAMS_KEY, _HPARAMS_NAME_KEY = "hyper_parameters", "hparams_name"
+_PAST_HPARAMS_KEYS = ("hparams", "module_arguments")  # Lightning <= 0.7.6
 _INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module", "pytorch_lightning.cli.instantiate_module")
 TRUST_FLAG = "--trust-checkpoint"
 """The command-line opt-in to a full unpickle (``trust=True`` in the library functions)."""
@@ -126,16 +128,18 @@ def _check_file(path: str | None, what: str) -> Path:
 def allowed_globals() -> list[Any]:
     """The types beyond torch's weights-only defaults that :func:`read_checkpoint` lets a checkpoint build.
 
-    What checkpoints saved by ``lightning.pytorch`` and ``pytorch_lightning`` Trainers hold besides tensors, plain
-    containers, numbers, strings and ``None`` (which torch allows by default, with ``OrderedDict``, ``torch.Size``
-    and dtypes): ``pathlib`` paths in hyper-parameters (``save_hyperparameters()`` of a path argument, in the
-    module's or the datamodule's hyper-parameters) and Lightning's ``AttributeDict`` (a ``dict`` subclass, the type
-    of ``module.hparams``). Every one of them is plain data: building it runs no code a file can choose. The
-    Lightning classes are listed only when their package is installed.
+    torch allows tensors, ``dict`` / ``list`` / ``tuple`` / ``set``, ``OrderedDict``, numbers, strings, ``None``,
+    ``torch.Size`` and dtypes by default. Checkpoints saved by ``lightning.pytorch`` and ``pytorch_lightning``
+    Trainers (with ``save_hyperparameters()``, a datamodule's hyper-parameters, ModelCheckpoint, EarlyStopping,
+    LearningRateMonitor and SaliencyMonitor state, optimizer and scheduler state) hold nothing else but ``pathlib``
+    paths, where a module or datamodule saved a path argument: those are added here, and only those. Building a
+    path runs no code a file can choose. (Lightning's ``AttributeDict`` is not needed: Trainers save
+    ``dict(module.hparams)``; a nested one cannot be built by the weights-only unpickler, which fills only plain
+    dicts, and needs ``--trust-checkpoint``.)
 
     Returns:
-        Objects, or ``(object, "module.Name")`` pairs for the names a file written by another Python version may
-        use, for :func:`torch.serialization.safe_globals`.
+        Objects, or ``(object, "module.Name")`` pairs for the names a file written by another Python version uses
+        (Python 3.13 pickles paths from ``pathlib._local``), for :func:`torch.serialization.safe_globals`.
     """
     import pathlib
 
@@ -143,17 +147,9 @@ def allowed_globals() -> list[Any]:
     for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
         cls = getattr(pathlib, name)
         allowed.append(cls)
-        for module in ("pathlib", "pathlib._local"):  # Python >= 3.13 pickles paths from pathlib._local
+        for module in ("pathlib", "pathlib._local"):
             if cls.__module__ != module:
                 allowed.append((cls, f"{module}.{name}"))
-    for module in ("lightning.fabric.utilities.data", "lightning_fabric.utilities.data"):
-        try:
-            attribute_dict = importlib.import_module(module).AttributeDict
-        except (ImportError, AttributeError):
-            continue
-        allowed.append(attribute_dict)
-        if attribute_dict.__module__ != module:  # one package re-exporting the other's class
-            allowed.append((attribute_dict, f"{module}.AttributeDict"))
     return allowed
 
 
