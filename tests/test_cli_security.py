@@ -28,9 +28,9 @@ from torch import nn
 
 from tsm_lightning import cli
 from tsm_lightning.cli.errors import CLIError
-from tsm_lightning.cli.loading import TRUST_FLAG, load_lightning, read_checkpoint
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
+TRUST_FLAG = "--trust-checkpoint"  # spelled out (not imported), so that the marker tests also run on older loaders
 SIZE = 32
 
 SECMOD = """
@@ -225,11 +225,22 @@ def test_hostile_checkpoint_runs_nothing(env, inproc, tmp_path: Path, payload: t
         expected = "exec" if payload is _Exec else ("posix.system" if os.name == "posix" else "nt.system")
         assert expected in line, line
         assert not (tmp_path / "o").exists()
-    with pytest.raises(CLIError, match=TRUST_FLAG):  # the library loaders refuse it the same way
-        load_lightning(ckpt, "secmod:Net", "cpu")
-    with pytest.raises(CLIError, match=TRUST_FLAG):
-        read_checkpoint(ckpt)
-    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [_Shell, _Exec])
+def test_hostile_checkpoint_library_loaders(env, tmp_path: Path, monkeypatch, payload: type) -> None:
+    """The library functions refuse it the same way (benchmarks load through them)."""
+    from tsm_lightning.cli.loading import TRUST_FLAG as flag
+    from tsm_lightning.cli.loading import load_lightning, read_checkpoint
+
+    assert flag == TRUST_FLAG
+    monkeypatch.syspath_prepend(str(env["root"]))
+    ckpt, marker = _hostile(tmp_path, payload)
+    for call in (lambda: load_lightning(ckpt, "secmod:Net", "cpu"), lambda: read_checkpoint(ckpt),
+                 lambda: read_checkpoint(ckpt, what="weights file")):  # fmt: skip
+        with pytest.raises(CLIError, match=TRUST_FLAG):
+            call()
+        assert not marker.exists()
 
 
 def test_hostile_checkpoint_in_a_subprocess(env, tmp_path: Path) -> None:
@@ -258,6 +269,8 @@ def test_allow_list_is_scoped(tmp_path: Path) -> None:
     """The allowed types are allowed during a read only: torch's global allow-list is left as it was."""
     import pickle
 
+    from tsm_lightning.cli.loading import read_checkpoint
+
     before = list(torch.serialization.get_safe_globals())
     path = tmp_path / "with_path.pt"
     torch.save({"w": torch.ones(2), "root": pathlib.Path("x")}, path)
@@ -277,6 +290,8 @@ def test_allow_list_is_scoped(tmp_path: Path) -> None:
 def test_benign_checkpoint_needs_the_opt_in(env, inproc, tmp_path: Path, name: str, cls: str, needs: str) -> None:
     """A class of the training code (or a dict subclass) in the hyper-parameters: refused by default, with the
     type named; loaded with --trust-checkpoint, with the saved weights and hyper-parameters."""
+    from tsm_lightning.cli.loading import load_lightning
+
     ckpt = env[name]
     base = ["--images", env["image"], "--out", tmp_path / "o", "--image-size", SIZE, "--methods", "tsm"]
     line = _one_line_error(*inproc("explain", ckpt, "--model", f"secmod:{cls}", *base)[::2])
@@ -300,6 +315,8 @@ def _assert_same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def test_lightning_trainer_checkpoint_loads_without_the_flag(env, inproc) -> None:
     """hparams with a path and a dict, a datamodule's hparams with a path, ModelCheckpoint / EarlyStopping /
     SaliencyMonitor state, optimizer and scheduler state: all plain data."""
+    from tsm_lightning.cli.loading import load_lightning
+
     ckpt = env["lightning_ckpt"]
     saved = torch.load(ckpt, weights_only=False)  # the reference: a full unpickle of a file this test wrote
     assert any(k.startswith("SaliencyMonitor") for k in saved["callbacks"])
@@ -314,6 +331,8 @@ def test_lightning_trainer_checkpoint_loads_without_the_flag(env, inproc) -> Non
 
 
 def test_pytorch_lightning_trainer_checkpoint_loads_without_the_flag(env, tmp_path: Path) -> None:
+    from tsm_lightning.cli.loading import load_lightning
+
     pl = pytest.importorskip("pytorch_lightning")
 
     sys.path.insert(0, str(env["root"]))
@@ -342,6 +361,8 @@ def test_pytorch_lightning_trainer_checkpoint_loads_without_the_flag(env, tmp_pa
 
 def test_example_checkpoint_loads_without_the_flag(env, inproc, tmp_path: Path, monkeypatch) -> None:
     """The checkpoint the SimCLR example saves (SaliencyMonitor with probe masks, ModelCheckpoint, OneCycleLR)."""
+    from tsm_lightning.cli.loading import load_lightning
+
     monkeypatch.syspath_prepend(str(EXAMPLES))
     simclr = importlib.import_module("simclr")
     tiny = ["--max-steps", "1", "--image-size", "32", "--batch-size", "4", "--num-samples", "8", "--probe-size", "2"]
@@ -359,6 +380,8 @@ def test_example_checkpoint_loads_without_the_flag(env, inproc, tmp_path: Path, 
 def test_safetensors_round_trip(env, inproc, tmp_path: Path) -> None:
     """The same weights as .pth and .safetensors give the same maps and metrics; other weights do not."""
     from safetensors.torch import save_file
+
+    from tsm_lightning.cli.loading import read_checkpoint
 
     torch.manual_seed(3)
     state = torchvision.models.resnet18().state_dict()
@@ -380,6 +403,8 @@ def test_safetensors_round_trip(env, inproc, tmp_path: Path) -> None:
 
 def test_safetensors_lightning_weights_and_missing_package(env, inproc, tmp_path: Path, monkeypatch) -> None:
     from safetensors.torch import save_file
+
+    from tsm_lightning.cli.loading import load_lightning
 
     sys.path.insert(0, str(env["root"]))
     try:
