@@ -260,9 +260,9 @@ def test_hostile_checkpoint_in_a_subprocess(env, tmp_path: Path) -> None:
         },
         timeout=120,
     )
+    assert not marker.exists(), f"the command ran the file's code, then said: {res.stderr.strip()}"
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and TRUST_FLAG in res.stderr, res.stderr
-    assert not marker.exists()
 
 
 def test_allow_list_is_scoped(tmp_path: Path) -> None:
