@@ -78,6 +78,11 @@ class Small(LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
+def mark(cls, kwargs):
+    Path(kwargs["root"]).joinpath("instantiated").touch()
+    return cls(**kwargs)
+
+
 class Data(LightningDataModule):
     def __init__(self, batch_size: int = 4, images: Path = Path("images")):
         super().__init__()
@@ -263,6 +268,28 @@ def test_hostile_checkpoint_in_a_subprocess(env, tmp_path: Path) -> None:
     assert not marker.exists(), f"the command ran the file's code, then said: {res.stderr.strip()}"
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and TRUST_FLAG in res.stderr, res.stderr
+
+
+def test_lightning_cli_entries_are_ignored_without_the_flag(env, tmp_path: Path) -> None:
+    """LightningCLI's _class_path / _instantiator name code in the file: ignored without the opt-in (the class is
+    --model's, built directly), and with it only Lightning's own instantiators are called."""
+    from tsm_lightning.cli.loading import load_lightning
+
+    sys.path.insert(0, str(env["root"]))
+    try:
+        small = importlib.import_module("secmod").Small(width=3)
+    finally:
+        sys.path.remove(str(env["root"]))
+    hparams = {"width": 3, "root": tmp_path, "_class_path": "secmod.Net", "_instantiator": "secmod.mark"}
+    ckpt = tmp_path / "cli.ckpt"
+    torch.save({"state_dict": small.state_dict(), "hyper_parameters": hparams}, ckpt)
+    loaded = load_lightning(ckpt, "secmod:Small", "cpu")
+    assert type(loaded.model).__name__ == "Small" and loaded.model.hparams["width"] == 3
+    _assert_same_weights(loaded.model, small.state_dict())
+    assert not (tmp_path / "instantiated").exists()
+    with pytest.raises(CLIError, match="not one of Lightning's"):
+        load_lightning(ckpt, "secmod:Small", "cpu", trust=True)
+    assert not (tmp_path / "instantiated").exists()
 
 
 def test_allow_list_is_scoped(tmp_path: Path) -> None:
