@@ -292,6 +292,24 @@ def test_lightning_cli_entries_are_ignored_without_the_flag(env, tmp_path: Path)
     assert not (tmp_path / "instantiated").exists()
 
 
+def test_state_dict_is_loaded_strictly(env, tmp_path: Path) -> None:
+    """A state_dict with a key missing or one too many is an error, not a half-loaded model."""
+    from tsm_lightning.cli.loading import load_lightning
+
+    sys.path.insert(0, str(env["root"]))
+    try:
+        state = importlib.import_module("secmod").Small(width=3).state_dict()
+    finally:
+        sys.path.remove(str(env["root"]))
+    for name, broken, expected in (
+        ("missing", {k: v for k, v in state.items() if k != "backbone.1.running_mean"}, "Missing key"),
+        ("unexpected", {**state, "head.weight": torch.zeros(2, 3)}, "Unexpected key"),
+    ):
+        torch.save({"state_dict": broken, "hyper_parameters": {"width": 3}}, tmp_path / f"{name}.ckpt")
+        with pytest.raises(CLIError, match=expected):
+            load_lightning(tmp_path / f"{name}.ckpt", "secmod:Small", "cpu")
+
+
 def test_allow_list_is_scoped(tmp_path: Path) -> None:
     """The allowed types are allowed during a read only: torch's global allow-list is left as it was."""
     import pickle
