@@ -284,7 +284,7 @@ def _init_kwargs(cls: type, checkpoint: Mapping[str, Any], trust: bool) -> tuple
         hparams.pop(key, None)
     if instantiator is not None and not trust:
         instantiator = None  # LightningCLI's: it would build nested classes named by the file
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    params = list(inspect.signature(cls).parameters.values())  # __init__'s, without self
     names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     name = checkpoint.get(_HPARAMS_NAME_KEY)
     if isinstance(name, str) and name in names:  # save_hyperparameters(hparams) of an argument named `name`
@@ -342,13 +342,14 @@ def build_module(cls: type, checkpoint: Mapping[str, Any], *, trust: bool = Fals
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"{what} is not a torch.nn.Module (built a {type(model).__name__}); --model names the class")
     strict = getattr(model, "strict_loading", True) is not False
+    hooks: Any = model  # a LightningModule's, when the class overrides them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if _is_overridden(model, "configure_model"):
-                model.configure_model()
+                hooks.configure_model()
             if _is_overridden(model, "on_load_checkpoint"):
-                model.on_load_checkpoint(checkpoint)
+                hooks.on_load_checkpoint(checkpoint)
             model.load_state_dict(checkpoint["state_dict"], strict=strict)
     except Exception as err:
         raise CLIError(
