@@ -490,3 +490,16 @@ def test_decompression_bomb_is_one_line(env, inproc, tmp_path: Path, side: int) 
     assert f"has {side * side} pixels" in line and "decompression-bomb" in line and str(limit) in line, line
     assert limit == Image.MAX_IMAGE_PIXELS  # never raised
     assert not (tmp_path / "o").exists()
+
+
+def test_image_folder_leaves_out_a_decompression_bomb(env, tmp_path: Path) -> None:
+    """The training-side dataset applies the same limit: the bomb is left out (named), the other image kept."""
+    from tsm_lightning.data import ImageFolder
+
+    _bomb_png(tmp_path / "bomb.png", 10_000, 10_000)
+    (tmp_path / "ok.png").write_bytes(env["image"].read_bytes())
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        folder = ImageFolder(tmp_path, image_size=SIZE)
+    assert folder.files == [tmp_path / "ok.png"]
+    ((path, reason),) = folder.skipped
+    assert path == tmp_path / "bomb.png" and "decompression-bomb" in reason
