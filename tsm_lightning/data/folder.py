@@ -7,14 +7,18 @@
 * :class:`ImageFolder` is a ``Dataset`` over a folder, returning ``(x, index)``.
 
 Images are opened with PIL, rotated upright according to their EXIF orientation tag, and converted to RGB (a GIF
-contributes its first frame). Hidden files and folders (names starting with ``.``) are ignored.
+contributes its first frame). Hidden files and folders (names starting with ``.``) are ignored. An image over PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels, about 89 million by default; never raised here) is
+refused before it is decoded (:class:`ImageTooLargeError`), where PIL alone would only warn below twice the limit.
 """
 
 from __future__ import annotations
 
 import glob
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from tsm_lightning.data.base import check_int, check_transform
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolder",
+    "ImageTooLargeError",
     "find_image_files",
     "load_image",
     "load_images",
@@ -106,13 +111,37 @@ def find_image_files(paths: PathLike | Sequence[PathLike], recursive: bool = Tru
     return list(found)
 
 
+class ImageTooLargeError(ValueError):
+    """An image file over PIL's decompression-bomb limit: refused before it is decoded, never skipped silently."""
+
+
+@contextmanager
+def _open_image(path: PathLike) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` with the decompression-bomb warning (over ``Image.MAX_IMAGE_PIXELS``) made an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"has {found.group(1)} pixels" if found else f"is too large ({err})"
+        raise ImageTooLargeError(
+            f"image {str(path)!r} {size}, over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS}): refused before decoding, since such a file can exhaust memory; downscale it"
+        ) from None
+    with img:
+        yield img
+
+
 def open_rgb(path: PathLike) -> Image.Image:
     """Open an image file as an upright (EXIF-transposed) RGB ``PIL.Image``, fully loaded.
 
     Raises:
         OSError: If PIL cannot read the file (``PIL.UnidentifiedImageError`` is an ``OSError``).
+        ImageTooLargeError: If the image has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked before the
+            pixels are decoded).
     """
-    with Image.open(path) as img:
+    with _open_image(path) as img:
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
 
@@ -159,6 +188,7 @@ def load_image(
 
     Raises:
         OSError: If the file cannot be read as an image.
+        ImageTooLargeError: If it is over PIL's decompression-bomb limit.
     """
     return _to_tensor(open_rgb(path), image_size, mean, std)
 
@@ -200,6 +230,8 @@ def load_images(
     Raises:
         FileNotFoundError: If a path does not exist or a pattern matches nothing.
         ValueError: If ``image_size < 1`` or no file could be read.
+        ImageTooLargeError: If a file is over PIL's decompression-bomb limit (an error, not a skipped file: the
+            limit is PIL's defence against images built to exhaust memory).
     """
     check_int(image_size, "image_size", 1)
     files = find_image_files(paths, recursive=recursive)
@@ -209,6 +241,8 @@ def load_images(
     for path in files:
         try:
             tensors.append(load_image(path, image_size, mean, std))
+        except ImageTooLargeError:
+            raise
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken headers
             skipped.append((path, _reason(err)))
             continue
@@ -282,7 +316,7 @@ class ImageFolder(Dataset):
         self.skipped: list[tuple[Path, str]] = []
         for path in _list_folder(root, recursive):
             try:
-                with Image.open(path) as img:
+                with _open_image(path) as img:
                     img.verify()
             except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, ...)
                 self.skipped.append((path, _reason(err)))
