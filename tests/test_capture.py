@@ -5,8 +5,8 @@ from helpers import SiameseNet, tiny_cnn
 from torch import nn
 
 from tsm_lightning import TokenGrid, explain
-from tsm_lightning.capture import capture, find_layer, get_layer, layer_shapes
-from tsm_lightning.discovery import NetworkCall, choose_layer, choose_monitored
+from tsm_lightning.capture import capture, get_layer
+from tsm_lightning.discovery import NetworkCall, choose_layer, choose_monitored, find_layer, layer_shapes
 from tsm_lightning.layout import LayoutTracker
 from tsm_lightning.pipeline import capture_features, maps_of
 
@@ -125,7 +125,8 @@ def test_compiled_model_names_are_looked_through():
 
 
 def test_forward_target_and_search_root():
-    from tsm_lightning.capture import forward_target, search_root
+    from tsm_lightning.capture import forward_target
+    from tsm_lightning.discovery import search_root
 
     model = SiameseNet()
     assert forward_target(model, "backbone.5") is model.backbone

@@ -239,8 +239,8 @@ def test_saliency_monitor_alone_watches_the_students_last_block_and_attention(tm
     with pytest.warns(UserWarning, match=r"'student_backbone\.vit\.blocks\.1' .*in 'student_backbone', not the copies"):
         Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_steps=4)).fit(model, loader(16, size=32))
     assert monitor.logged_steps == [0, 2, 4]  # every 2 steps and at the end
-    assert monitor._resolved_layer == "student_backbone.vit.blocks.1"
-    assert monitor._attention_module == "student_backbone.vit.blocks.1.attn"
+    assert monitor.layer == "student_backbone.vit.blocks.1"
+    assert monitor.tracker.attention_module == "student_backbone.vit.blocks.1.attn"
     _, maps = monitor.compute(model)
 
     def attention_of(network: nn.Module) -> torch.Tensor:

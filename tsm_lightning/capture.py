@@ -8,14 +8,12 @@ model's patch embedding in the same forward pass), a channels-last ``(B, h, w, C
 channels-first as the model tells (:mod:`tsm_lightning.layout`), and on request the class token's attention of one
 attention module is read in the same pass. :func:`forward_target` is the package's one forward rule.
 
-Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`; its
-names are still importable from here.
+Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -51,14 +49,6 @@ __all__ = [
     "network_calls",
     "preserved_modes",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # Layer discovery moved to tsm_lightning.discovery; its public names stay importable from here.
-    discovery = importlib.import_module("tsm_lightning.discovery")
-    if name in discovery.__all__:
-        return getattr(discovery, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ForwardFn = Callable[[nn.Module, Tensor], object]

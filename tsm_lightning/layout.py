@@ -65,7 +65,7 @@ _CHANNELS_FIRST_TYPES: tuple[type[nn.Module], ...] = (
 def check_channels(channels: object) -> Channels | None:
     """Return ``channels`` if it is ``"first"``, ``"last"`` or ``None``, else raise a ``ValueError``."""
     if channels is None or channels in CHANNELS:
-        return channels  # type: ignore[return-value]
+        return channels
     raise ValueError(
         f"channels must be 'first' ((B, C, h, w) maps), 'last' ((B, h, w, C) maps) or None (as the model tells), "
         f"got {channels!r}."

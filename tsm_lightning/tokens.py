@@ -127,7 +127,7 @@ class TokenLayout(NamedTuple):
 def check_token_grid(token_grid: object) -> TokenGridSpec:
     """Return ``token_grid`` if it is a :class:`TokenGrid`, a callable or ``None``, else raise a ``ValueError``."""
     if token_grid is None or isinstance(token_grid, TokenGrid) or callable(token_grid):
-        return token_grid  # type: ignore[return-value]
+        return token_grid
     raise ValueError(
         "token_grid must be a TokenGrid(grid=(h, w), prefix_tokens=P, channels='first'|'last'), a callable "
         f"(B, T, D) -> (B, D, h, w), or None, got {type(token_grid).__name__}."
