@@ -269,3 +269,41 @@ def test_explaining_a_model_imports_neither_timm_nor_transformers():
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"timm": False, "transformers": False}
+
+
+def test_saliency_monitor_alone_runs_lightlys_aim_vit_through_forward_features(tmp_path):
+    from lightly.models.modules import MaskedCausalVisionTransformer
+    from lightning.pytorch import LightningModule, Trainer, seed_everything
+    from lightning_helpers import loader, trainer_kwargs
+
+    from tsm_lightning import SaliencyMonitor
+
+    class AIMLike(LightningModule):  # lightly's AIM example: the training step calls forward_features
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = MaskedCausalVisionTransformer(
+                img_size=32,
+                patch_size=8,
+                embed_dim=16,
+                depth=2,
+                num_heads=2,
+                class_token=False,
+                no_embed_class=True,
+                global_pool="avg",
+            )
+            self.head = nn.Linear(16, 8)
+
+        def training_step(self, batch, batch_idx):
+            return self.head(self.backbone.forward_features(batch[0][0])).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    seed_everything(0, workers=True)
+    monitor = SaliencyMonitor(torch.randn(4, 3, 32, 32), every_n_steps=2, strict=True)  # fresh-init reference on
+    told = r"called as module\.backbone\.forward_features\(images\) because forward fails"
+    with pytest.warns(UserWarning, match=told):
+        Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_steps=2)).fit(AIMLike(), loader(8, size=32))
+    assert monitor.layer == "backbone.blocks.1"
+    assert monitor.logged_steps == [0, 2]
+    assert monitor.tracker.attention_module == "backbone.blocks.1.attn"  # found; without a class token, no map
