@@ -23,19 +23,26 @@ Trainer's default logger (TensorBoard event files, else PNG files), and a line t
   (no ``Trainer`` in the script, e.g. a placeholder) or ``not patched`` (no dataset / ``Trainer`` statement found);
 * ``layer``: the layer the monitor monitored; ``attention``: whether it logged class-token attention
   (``saliency/attention``); ``pictures``: the number of ``saliency/*`` picture tags logged;
-* ``code``: ``--label`` (which checkout of tsm_lightning ran; default the ``--pythonpath`` folder and its commit).
+* ``status`` ``trained``: with ``--no-monitor``, the same patched run without the callback trained (a baseline:
+  does the script itself run here?);
+* ``code``: ``--label`` (which checkout of tsm_lightning ran; default the ``--pythonpath`` folder and its commit),
+  followed by the monitor's arguments where ``--monitor-args SCRIPT=ARGS`` gave some (what a script needs beyond
+  the one line), or ``no monitor``.
 
 ``--append`` keeps the rows of an existing CSV whose (script, code) is not re-run, so runs of two checkouts can
 share one file. Usage (a few minutes per ViT script on two CPU cores)::
 
     python benchmarks/lightly_examples.py --examples /path/to/lightly/examples/pytorch_lightning
     python benchmarks/lightly_examples.py --examples DIR --only dinov2 ibot aim --pythonpath ../other --append
+    python benchmarks/lightly_examples.py --examples DIR --only aim --append \
+        --monitor-args 'aim=forward_fn=lambda m, x: m.backbone.forward_features(x)'
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -71,6 +78,8 @@ class Settings:
     steps: int = 2
     num_samples: int = 8
     source_size: int = 64
+    monitor: bool = True  # False: the same run without the callback (does the script itself train?)
+    monitor_args: str = ""  # source of SaliencyMonitor's arguments, e.g. 'layer="backbone.7"'; "" is the one line
 
 
 def _call_end(text: str, open_paren: int) -> int:
@@ -155,7 +164,8 @@ def patch_script(source: str, settings: Settings) -> str:
     trainer = _TRAINER.search(source)
     assert trainer is not None
     opening = trainer.end()
-    added = f"callbacks=[SaliencyMonitor()], max_steps={settings.steps}, enable_progress_bar=False, "
+    callback = f"callbacks=[SaliencyMonitor({settings.monitor_args})], " if settings.monitor else ""
+    added = f"{callback}max_steps={settings.steps}, enable_progress_bar=False, "
     source = source[:opening] + added + source[opening:]
 
     flavour = "tsm_lightning.callbacks.pl" if re.search(r"^import pytorch_lightning", source, re.M) else None
@@ -277,6 +287,8 @@ def run_script(
     row["attention"] = "yes" if "saliency/attention" in tags else ("no" if tags else "")
     if done.returncode != 0:
         return row | {"status": "error", "error": _error_line(done.stderr)}
+    if not settings.monitor:
+        return row | {"status": "trained", "layer": "", "error": ""}
     if not tags:
         return row | {"status": "no pictures", "error": _monitor_warning(done.stderr + done.stdout)}
     return row | {"status": "ok", "error": _monitor_warning(done.stderr + done.stdout)}
@@ -313,7 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--num-samples", type=int, default=Settings.num_samples)
     parser.add_argument("--source-size", type=int, default=Settings.source_size)
+    parser.add_argument("--no-monitor", action="store_true", help="run without the callback (status 'trained')")
+    parser.add_argument(
+        "--monitor-args",
+        action="append",
+        default=[],
+        metavar="SCRIPT=ARGS",
+        help="arguments of SaliencyMonitor(...) for one script, as source: dinov2='layer=\"x\"' (repeatable)",
+    )
     args = parser.parse_args(argv)
+    monitor_args = dict(item.split("=", 1) for item in args.monitor_args)
 
     scripts = sorted(args.examples.glob("*.py"))
     if args.only:
@@ -321,16 +342,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts = [s for s in scripts if s.stem in wanted]
     if not scripts:
         parser.error(f"no scripts to run in {args.examples} (--only {args.only})")
-    settings = Settings(args.batch_size, args.steps, args.num_samples, args.source_size)
+    settings = Settings(args.batch_size, args.steps, args.num_samples, args.source_size, not args.no_monitor)
     pythonpath = args.pythonpath.resolve()
     label = args.label or _code_label(pythonpath)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lightly_examples_") as tmp:
         work = args.work or Path(tmp)
         for script in scripts:
+            extra = monitor_args.get(script.stem, monitor_args.get(script.name, ""))
+            run_settings = dataclasses.replace(settings, monitor_args=extra)
             row = run_script(
-                script, work, settings, pythonpath=pythonpath, timeout=args.timeout, threads=args.threads
-            ) | {"code": label}
+                script, work, run_settings, pythonpath=pythonpath, timeout=args.timeout, threads=args.threads
+            ) | {
+                "code": label
+                + (f" + SaliencyMonitor({extra})" if extra else "")
+                + (" no monitor" if args.no_monitor else "")
+            }
             rows.append(row)
             print(
                 f"{row['script']:<16} {row['status']:<12} {row['layer']!s:<28} attention={row['attention'] or '-':<3} "

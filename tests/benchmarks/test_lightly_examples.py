@@ -89,6 +89,13 @@ def test_patch_changes_data_size_and_adds_the_one_line_only():
         GOOD.replace("import pytorch_lightning as pl", "import lightning.pytorch as pl"), Settings()
     )
     assert "from tsm_lightning.callbacks import SaliencyMonitor\n" in on_lightning
+    # What a script needs beyond the one line goes inside it; the baseline run has no callback at all.
+    needs = patch_script(GOOD, Settings(monitor_args='layer="backbone.0"'))
+    assert 'pl.Trainer(callbacks=[SaliencyMonitor(layer="backbone.0")], max_steps=2,' in needs
+    baseline = patch_script(GOOD, Settings(monitor=False))
+    assert (
+        "callbacks=" not in baseline and "pl.Trainer(max_steps=2, enable_progress_bar=False, max_epochs=10" in baseline
+    )
 
 
 def test_patch_names_what_it_cannot_find():
