@@ -233,13 +233,18 @@ def _monitor_warning(output: str) -> str:
 
 
 def _code_label(pythonpath: Path) -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(pythonpath), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{pythonpath.name} {commit}".strip()
+    """``<folder> <commit>``, with ``+ uncommitted changes`` when tracked files differ from the commit."""
+
+    def git(*args: str) -> str:
+        try:
+            run = subprocess.run(["git", "-C", str(pythonpath), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = " + uncommitted changes" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"{pythonpath.name} {commit}{dirty}".strip()
 
 
 def run_script(
