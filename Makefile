@@ -21,8 +21,9 @@ demo-shortcut: $(STAMP)  ## the same run without background swap, into the same 
 bench: $(STAMP)  ## speed benchmarks (about 8 min on 2 CPU cores)
 	$(BIN)/python benchmarks/run_all.py
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP)  ## ruff, mypy over the package, the whole test suite
 	$(BIN)/ruff check tsm_lightning tests examples benchmarks
+	$(BIN)/mypy tsm_lightning
 	$(BIN)/python -m pytest
 
 clean:

@@ -4,7 +4,8 @@ import torchvision
 from helpers import SiameseNet, tiny_cnn
 from torch import nn
 
-from tsm_lightning.capture import capture, find_layer, get_layer, layer_shapes
+from tsm_lightning.capture import capture, get_layer
+from tsm_lightning.discovery import find_layer, layer_shapes
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -121,7 +122,8 @@ def test_compiled_model_names_are_looked_through():
 
 
 def test_forward_target_and_search_root():
-    from tsm_lightning.capture import forward_target, search_root
+    from tsm_lightning.capture import forward_target
+    from tsm_lightning.discovery import search_root
 
     model = SiameseNet()
     assert forward_target(model, "backbone.5") is model.backbone

@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from tsm_lightning import cli
-from tsm_lightning.core import METHODS
+from tsm_lightning.constants import METHODS
 
 TINYMOD = """
 import torch
@@ -322,8 +322,14 @@ def test_failed_run_leaves_no_unlisted_files(
 
 
 def test_class_from_hyperparameters(env: dict[str, Path], tmp_path: Path, inproc) -> None:
-    code, _, err = inproc("explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
-                            "--image-size", TILE, "--methods", "eigencam")  # fmt: skip
+    """The class a checkpoint names (LightningCLI's _class_path) is imported only with --trust-checkpoint."""
+    args = ["explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
+            "--image-size", TILE, "--methods", "eigencam"]  # fmt: skip
+    code, _, err = inproc(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'tinymod.Tiny'" in err and "--model tinymod:Tiny" in err and "--trust-checkpoint" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = inproc(*args, "--trust-checkpoint")
     assert code == 0, err
     assert len(_rows(tmp_path / "o" / "metrics.csv")) == 1
 

@@ -9,8 +9,9 @@ from lightly.models.modules import MaskedVisionTransformerTorchvision
 from torch import nn
 
 from tsm_lightning import TokenGrid, attention_maps, explain, saliency_maps, tokens_to_grid
-from tsm_lightning.capture import capture, find_layer
+from tsm_lightning.capture import capture
 from tsm_lightning.core.attention import class_token_attention
+from tsm_lightning.discovery import find_layer
 from tsm_lightning.pipeline import attention_module, capture_features, explain_batch
 from tsm_lightning.tokens import (
     MAX_PREFIX_TOKENS,

@@ -7,14 +7,12 @@ tokens are turned into a ``(B, D, h, w)`` map on the way (:mod:`tsm_lightning.to
 model's patch embedding in the same forward pass), and on request the class token's attention of one attention
 module is read in the same pass. :func:`forward_target` is the package's one forward rule.
 
-Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`; its
-names are still importable from here.
+Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,14 +40,6 @@ __all__ = [
     "get_layer",
     "preserved_modes",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # Layer discovery moved to tsm_lightning.discovery; its public names stay importable from here.
-    discovery = importlib.import_module("tsm_lightning.discovery")
-    if name in discovery.__all__:
-        return getattr(discovery, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ForwardFn = Callable[[nn.Module, Tensor], object]

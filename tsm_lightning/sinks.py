@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import inspect
+import queue
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ from torch import Tensor
 from tsm_lightning.render import save_png
 
 __all__ = [
+    "BackgroundWriter",
     "ImageLoggerSink",
     "MetricsSink",
     "MlflowSink",
@@ -231,3 +234,86 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+class BackgroundWriter:
+    """Writes to sinks on one background thread, in submission order, through a bounded queue.
+
+    The training thread hands a run's pictures and scalars over with :meth:`submit` and goes on; PNG encoding and
+    event-file writing happen on the writer's thread. When ``max_pending`` runs are already waiting, :meth:`submit`
+    blocks until one is written, so memory never grows. A sink's error is kept and raised by the next
+    :meth:`submit`, :meth:`flush` or :meth:`close` (the run that failed to be written is named); writes after it go
+    on. The thread starts at the first submission and ends at :meth:`close`.
+
+    Args:
+        sinks: where every run goes, each in turn.
+        max_pending: runs that may wait to be written.
+    """
+
+    def __init__(self, sinks: Sequence[Sink], max_pending: int = 2) -> None:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}.")
+        self.sinks = list(sinks)
+        self.max_pending = max_pending
+        self._queue: queue.Queue[tuple[Mapping[str, Tensor], Mapping[str, float], int] | None] = queue.Queue(
+            maxsize=max_pending
+        )
+        self._thread: threading.Thread | None = None
+        self._errors: list[tuple[int, BaseException]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Queue one run for writing (blocks while ``max_pending`` runs wait); first raise an earlier write's error.
+
+        The tensors must not be modified afterwards (the writer reads them later).
+        """
+        self.raise_errors()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="tsm-lightning-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((pictures, scalars, step))
+
+    def flush(self) -> None:
+        """Wait until every submitted run is written, then raise the first error of a write, if any."""
+        if self._thread is not None:
+            self._queue.join()
+        self.raise_errors()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, then raise the first error of a write, if any."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join()
+        for sink in self.sinks:
+            closer = getattr(sink, "close", None)
+            if callable(closer):
+                closer()
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        """Raise (once) the first error a sink raised since the last call, naming the step that was not written."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            step, error = errors[0]
+            more = f" ({len(errors) - 1} later writes failed too)" if len(errors) > 1 else ""
+            raise RuntimeError(
+                f"writing the run of step {step} failed: {type(error).__name__}: {error}{more}"
+            ) from error
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                pictures, scalars, step = item
+                for sink in self.sinks:
+                    try:
+                        sink.write(pictures, scalars, step)
+                    except Exception as error:  # kept for the training thread, which reports it
+                        with self._lock:
+                            self._errors.append((step, error))
+            finally:
+                self._queue.task_done()
