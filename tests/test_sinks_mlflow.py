@@ -200,6 +200,9 @@ def test_dispatch_by_logger_kind(tmp_path):
     assert [type(s) for s in sinks] == [MlflowSink, PngSink, MetricsSink, PngSink, MetricsSink]
     assert sinks[1].root == Path(csv_logger.log_dir) / "saliency"
     assert sinks[3].root == tmp_path / "default" / "saliency"  # never the working directory
+    pl_loggers = pytest.importorskip("pytorch_lightning.loggers")  # lightly's examples use pytorch_lightning
+    standalone = pl_loggers.MLFlowLogger(tracking_uri=ml._tracking_uri, artifact_location=ml._artifact_location)
+    assert [type(s) for s in sinks_for_loggers([standalone], tmp_path)] == [MlflowSink]
 
 
 def test_the_package_does_not_import_mlflow():
