@@ -287,7 +287,7 @@ def run_script(
     layer = result.get("layer") or ""
     if not layer:
         match = re.search(r"SaliencyMonitor: no layer given, monitoring (\S+)", done.stderr + done.stdout)
-        layer = match[1].rstrip(".,") if match else ""
+        layer = match[1].strip("'\".,") if match else ""
     row |= {"layer": layer, "pictures": len(tags), "seconds": seconds}
     row["attention"] = "yes" if "saliency/attention" in tags else ("no" if tags else "")
     if done.returncode != 0:
