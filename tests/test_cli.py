@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from tests.helpers import import_source
 from tsm_lightning import cli
 from tsm_lightning.constants import METHODS
 
@@ -105,12 +105,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lightning.pytorch import Trainer
 
     root = tmp_path_factory.mktemp("cli")
-    (root / "tinymod.py").write_text(TINYMOD)
-    sys.path.insert(0, str(root))
-    try:
-        tinymod = importlib.import_module("tinymod")
-    finally:
-        sys.path.remove(str(root))
+    tinymod = import_source(root, "tinymod", TINYMOD)
     torch.manual_seed(0)
     model = tinymod.Tiny()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, TILE, TILE)), batch_size=4)

@@ -26,6 +26,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from tests.helpers import import_source
 from tsm_lightning import cli
 from tsm_lightning.cli.errors import CLIError
 
@@ -149,12 +150,7 @@ def _train(module: Any, pl: Any, root: Path, name: str, monitor: bool, data: Any
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("security")
-    (root / "secmod.py").write_text(SECMOD)
-    sys.path.insert(0, str(root))
-    try:
-        secmod = importlib.import_module("secmod")
-    finally:
-        sys.path.remove(str(root))
+    secmod = import_source(root, "secmod", SECMOD)
     from lightning.fabric.utilities.data import AttributeDict
 
     torch.manual_seed(0)

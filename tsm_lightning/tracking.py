@@ -20,6 +20,7 @@ run, from the whole probe, and logged unchanged at every run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tsm_lightning.capture import ForwardFn, forward_target, get_layer
+from tsm_lightning.capture import ForwardFn, call_network, forward_target, get_layer
 from tsm_lightning.constants import METHODS
 from tsm_lightning.core import Decomposition, upsample_maps, validate_methods
 from tsm_lightning.core.spectral import autocast_off
-from tsm_lightning.discovery import candidate_layers, choose_layer, search_root
+from tsm_lightning.discovery import choose_monitored, search_root
 from tsm_lightning.metrics import default_embed_fn
 from tsm_lightning.monitoring import (
     attention_head_pictures,
@@ -163,24 +164,15 @@ class Tracker:
     def _discover_layer(self, model: nn.Module) -> str:
         images = self.model_input(model)
         try:
-            infos = candidate_layers(model, images, self.forward_fn, token_grid=self.map_options.token_grid)
-        except (TypeError, RuntimeError) as err:
-            raise ValueError(
-                f"SaliencyMonitor could not run the model on the probe to discover a layer ({err}). Pass layer= "
-                "(for lightly models usually 'backbone.7') and, if needed, forward_fn=."
-            ) from err
-        try:
-            chosen, text = choose_layer(infos)
+            chosen = choose_monitored(model, images, self.forward_fn, token_grid=self.map_options.token_grid)
         except ValueError as err:
-            raise ValueError(
-                f"SaliencyMonitor found no layer to monitor for probe images {tuple(images.shape)}: {err}"
-            ) from None
+            raise ValueError(f"SaliencyMonitor {err}") from None
         warnings.warn(
-            f"SaliencyMonitor: no layer given, monitoring {text}. Pass layer= to choose another.",
+            f"SaliencyMonitor: no layer given, monitoring {chosen.text}. Pass layer= to choose another.",
             UserWarning,
             stacklevel=3,
         )
-        return chosen.name
+        return chosen.layer
 
     # ------------------------------------------------------------------------------------------------ one run
     def model_input(self, model: nn.Module) -> Tensor:
@@ -196,7 +188,7 @@ class Tracker:
         """Run the part of ``model`` that holds the layer (``forward_fn`` if given, else the forward rule)."""
         if self.forward_fn is not None:
             return self.forward_fn(model, images)
-        return forward_target(model, self._layer())(images)
+        return call_network(forward_target(model, self._layer()), images)
 
     def capture(self, model: nn.Module) -> Captured:
         """The probe forward with the layer captured: ``(features (B, C, h, w) float32, output, attention)``.
@@ -353,7 +345,8 @@ class Tracker:
         fresh = fresh_copy(target, self.seed + 1)
         attention = self.attention_module
         inner = attention.split(".", 1)[1] if attention is not None else None  # both are under the same child
-        features, _, heads = self._capture(fresh, layer.split(".", 1)[1], fresh, fresh, inner)
+        forward = functools.partial(call_network, fresh)  # called as the monitored network is
+        features, _, heads = self._capture(fresh, layer.split(".", 1)[1], forward, fresh, inner)
         del fresh
         return stability_references(self.maps(features, heads)[1], first)
 

@@ -109,20 +109,20 @@ class SaliencyMonitorMixin:
             )
         if every_n_steps is None and every_n_epochs is None:
             every_n_steps = DEFAULT_EVERY_N_STEPS
-        for name, value in (
+        for name, count in (
             ("every_n_steps", every_n_steps),
             ("every_n_epochs", every_n_epochs),
             ("num_images", num_images),
         ):
-            if value is not None:
-                check_positive_int(value, name)
+            if count is not None:
+                check_positive_int(count, name)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         if isinstance(log_on_fit, str) or not set(log_on_fit) <= set(LOG_ON_FIT):
             raise ValueError(f"log_on_fit must be a subset of {LOG_ON_FIT}, e.g. ['start'], got {log_on_fit!r}.")
-        for name, value, kind in (("display", display, DisplayOptions), ("maps", maps, MapOptions)):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}.")
+        for name, options, kind in (("display", display, DisplayOptions), ("maps", maps, MapOptions)):
+            if options is not None and not isinstance(options, kind):
+                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(options).__name__}.")
         if isinstance(metrics, bool):
             metrics = MetricOptions(enabled=metrics)
         elif not isinstance(metrics, MetricOptions):

@@ -486,17 +486,18 @@ def load_arch(arch: str, weights: str | None, device: str, *, required: bool = T
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, *, required: bool = True) -> Loaded:
-    """Load one model from the common options, with the token-grid rule of ``--token-grid`` / ``--prefix-tokens``.
+    """Load one model from the common options, with the rule of ``--token-grid``, ``--prefix-tokens``, ``--channels``.
 
     With ``required=False`` a missing checkpoint / ``--weights`` is allowed: ``--arch`` or ``--model`` is then built
     with its seeded random initialisation (``Loaded.random_weights``).
     """
     loaded = _load_model(args, checkpoint, required)
     grid, prefix = getattr(args, "token_grid", None), getattr(args, "prefix_tokens", None)
-    if grid is not None or prefix is not None:
+    channels = getattr(args, "channels", None)
+    if grid is not None or prefix is not None or channels is not None:
         from tsm_lightning.tokens import TokenGrid
 
-        loaded.token_grid = TokenGrid(grid, prefix)
+        loaded.token_grid = TokenGrid(grid, prefix, channels)
     return loaded
 
 

@@ -84,6 +84,12 @@ def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None
         metavar="P",
         help="vision transformers: leading class/register tokens to drop (default: tokens minus grid cells)",
     )
+    g.add_argument(
+        "--channels",
+        choices=("first", "last"),
+        help="where the channels of 4-D layer outputs are: first (B, C, h, w) or last (B, h, w, C), as Swin "
+        "stages (default: as the model tells)",
+    )
 
 
 def _add_explain_options(p: argparse.ArgumentParser) -> None:
