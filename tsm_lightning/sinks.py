@@ -1,4 +1,4 @@
-"""Where pictures and scalars go: TensorBoard, loggers with ``log_image``, PNG and CSV files.
+"""Where pictures and scalars go: TensorBoard, MLflow, loggers with ``log_image``, PNG and CSV files.
 
 Shared by :class:`~tsm_lightning.callbacks.SaliencyMonitor` (one or two sinks per Lightning logger,
 :func:`sinks_for_loggers`) and ``tsm-lightning`` (an event file, PNG files, CSV tables). A sink takes named pictures
@@ -8,7 +8,10 @@ Shared by :class:`~tsm_lightning.callbacks.SaliencyMonitor` (one or two sinks pe
 from __future__ import annotations
 
 import csv
+import inspect
 import queue
+import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,11 +25,15 @@ __all__ = [
     "BackgroundWriter",
     "ImageLoggerSink",
     "MetricsSink",
+    "MlflowSink",
     "PngSink",
     "Sink",
     "TensorBoardSink",
     "custom_scalars_layout",
+    "is_mlflow",
     "is_tensorboard",
+    "mlflow_artifact_path",
+    "mlflow_image_key",
     "sinks_for_loggers",
     "step_file_name",
     "write_csv",
@@ -89,13 +96,71 @@ class ImageLoggerSink:
 
 
 class MetricsSink:
-    """Scalars through any Lightning logger's ``log_metrics`` (CSV, MLflow, ...); pictures are not its business."""
+    """Scalars through a Lightning logger's ``log_metrics`` (CSV, Comet, Neptune); pictures are not its business."""
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger
 
     def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
         """Log the scalars, if any."""
+        if scalars:
+            self.logger.log_metrics(dict(scalars), step=step)
+
+
+_MLFLOW_KEY_FORBIDDEN = re.compile(r"[^a-zA-Z0-9_\-./ ]")  # what MLflow's ``log_image(key=...)`` rejects
+
+
+def mlflow_image_key(tag: str) -> str:
+    """``tag`` with every character MLflow refuses in an image key replaced by ``_`` (``saliency/tsm`` is kept)."""
+    return _MLFLOW_KEY_FORBIDDEN.sub("_", tag) or "_"
+
+
+def mlflow_artifact_path(tag: str, step: int) -> str:
+    """The run-relative artifact of a picture when the client has no stepped ``log_image``.
+
+    ``saliency/tsm`` at step 25 -> ``saliency/tsm/step_000025.png``.
+    """
+    return f"{tag}/step_{step:06d}.png"
+
+
+class MlflowSink:
+    """An ``MLFlowLogger``: pictures as MLflow images with their step, scalars through the logger's ``log_metrics``.
+
+    Pictures go through the logger's ``MlflowClient.log_image(run_id, image, key=tag, step=step)`` (MLflow >= 2.12:
+    the run's "Images" view with a step slider; the files are the run's ``images/`` artifacts). With an older
+    client they are plain artifacts at :func:`mlflow_artifact_path` (``saliency/tsm/step_000025.png``). Nothing of
+    ``mlflow`` is imported here: the logger's client does the work.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self._stepped: bool | None = None
+
+    def _stepped_images(self, client: Any) -> bool:
+        """Whether ``client.log_image`` takes ``key`` and ``step`` (MLflow >= 2.12)."""
+        if self._stepped is None:
+            log_image = getattr(client, "log_image", None)
+            try:
+                parameters = inspect.signature(log_image).parameters if log_image is not None else {}
+            except (TypeError, ValueError):
+                parameters = {}
+            self._stepped = "key" in parameters and "step" in parameters
+        return self._stepped
+
+    def write(self, pictures: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        """Log every picture (an ``(H, W, 3)`` uint8 array) at ``step``, then the scalars."""
+        if pictures:
+            client, run_id = self.logger.experiment, self.logger.run_id
+            if self._stepped_images(client):
+                for tag, picture in pictures.items():
+                    image = picture.permute(1, 2, 0).cpu().numpy()
+                    client.log_image(run_id, image, key=mlflow_image_key(tag), step=step)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    for tag, picture in pictures.items():
+                        relative = Path(mlflow_artifact_path(tag, step))
+                        save_png(picture, Path(tmp) / relative.name)
+                        client.log_artifact(run_id, str(Path(tmp) / relative.name), str(relative.parent))
         if scalars:
             self.logger.log_metrics(dict(scalars), step=step)
 
@@ -129,12 +194,18 @@ def is_tensorboard(logger: Any) -> bool:
     return experiment is not None and hasattr(experiment, "add_image")
 
 
+def is_mlflow(logger: Any) -> bool:
+    """Whether ``logger`` is an ``MLFlowLogger`` (``lightning`` or ``pytorch_lightning``) with a run to log to."""
+    return type(logger).__name__.startswith("MLFlow") and hasattr(logger, "run_id") and hasattr(logger, "experiment")
+
+
 def sinks_for_loggers(loggers: Sequence[Any], default_root: str | Path) -> list[Sink]:
     """The sinks of a Lightning ``Trainer``'s loggers.
 
-    TensorBoard loggers get :class:`TensorBoardSink`; loggers with ``log_image`` get :class:`ImageLoggerSink`;
-    others get PNG files under their ``log_dir/saliency`` and scalars through ``log_metrics``; no logger at all:
-    PNG files under ``default_root``.
+    TensorBoard loggers get :class:`TensorBoardSink`; MLflow loggers :class:`MlflowSink`; loggers with
+    ``log_image`` (W&B) :class:`ImageLoggerSink`; others (CSV, Comet, Neptune, ...) get PNG files under their
+    ``log_dir/saliency`` (else ``save_dir/saliency``, else ``default_root``) and scalars through ``log_metrics``; no
+    logger at all: PNG files under ``default_root``.
     """
     if not loggers:
         return [PngSink(default_root)]
@@ -142,11 +213,14 @@ def sinks_for_loggers(loggers: Sequence[Any], default_root: str | Path) -> list[
     for logger in loggers:
         if is_tensorboard(logger):
             sinks.append(TensorBoardSink(logger.experiment))
+        elif is_mlflow(logger):
+            sinks.append(MlflowSink(logger))
         elif hasattr(logger, "log_image"):
             sinks.append(ImageLoggerSink(logger))
         else:
-            root = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
-            sinks.extend([PngSink(root / "saliency"), MetricsSink(logger)])
+            folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            root = Path(folder) / "saliency" if folder else Path(default_root)  # never the working directory
+            sinks.extend([PngSink(root), MetricsSink(logger)])
     return sinks
 
 
