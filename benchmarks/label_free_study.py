@@ -391,11 +391,16 @@ def write_signals(rows: list[dict[str, object]], path: Path) -> None:
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _interval(row: Mapping, key: str) -> str:
+def _interval(row: Mapping, key: str, sign: str = "+") -> str:
     v, lo, hi = row[key], row[f"{key}_lo"], row[f"{key}_hi"]
     if not math.isfinite(v):
         return "-"
-    return f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) else f"{v:+.2f}"
+    return f"{v:{sign}.2f} [{lo:{sign}.2f}, {hi:{sign}.2f}]" if math.isfinite(lo) else f"{v:{sign}.2f}"
+
+
+def short(tag: object) -> str:
+    """A series' name without the ``saliency/`` prefix (the README cites only tags a monitor run really logs)."""
+    return str(tag).removeprefix("saliency/")
 
 
 def order(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -409,7 +414,7 @@ def _finite(v: object) -> float:
 
 
 def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
-    """The README table: one row per series of the ``all`` group."""
+    """The README table: one row per series of the ``all`` group (names without ``saliency/``)."""
     lines = [
         "| series | rank corr. with pointing game (all runs) | separation AUC, final step | std. difference | "
         "train seeds: rho / AUC | held-out: rho / AUC / threshold accuracy | verdict |",
@@ -423,7 +428,7 @@ def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
             else "-"
         )
         lines.append(
-            f"| `{r['tag']}` | {_interval(r, 'rho')} | {_interval(r, 'auc')} | {_interval(r, 'd')} | "
+            f"| `{short(r['tag'])}` | {_interval(r, 'rho')} | {_interval(r, 'auc', '')} | {_interval(r, 'd')} | "
             f"{r['rho_train']:+.2f} / {r['auc_train']:.2f} | {ho} | {r['verdict']} |"
         )
     return "\n".join(lines)
@@ -476,7 +481,7 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
         if math.isfinite(lo):
             ax.plot([lo, hi], [i, i], color=colour, lw=1.5)
         ax.plot([r["rho"]], [i], "o", color=colour, ms=4)
-    ax.set_yticks(y, [str(r["tag"]).replace("saliency/", "") for r in forest], fontsize=6)
+    ax.set_yticks(y, [short(r["tag"]) for r in forest], fontsize=6)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlim(-1, 1)
     ax.set_xlabel("Spearman rho with TSM pointing game (95 % bootstrap over runs)")
@@ -513,6 +518,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         parser.error(f"no record.pt under {args.records}; pass --records the folder the sweep writes its runs to.")
     torch.set_grad_enabled(False)
     runs = [series_of(name, record) for name, record in records]
+    for run, (_, record) in zip(runs, records, strict=True):
+        unaligned = [s for s in run.steps if not any(is_label_free(t) for t in record.get("scalars", {}).get(s, {}))]
+        if unaligned:
+            print(
+                f"warning: {run.name} has no logged saliency scalars at its recorded steps {unaligned}", file=sys.stderr
+            )
     missing = [r.name for r in runs if TARGET not in r.values]
     if missing:
         parser.error(f"runs {missing} have no {TARGET} and no tsm maps with masks to compute it from.")
