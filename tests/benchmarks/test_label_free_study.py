@@ -32,7 +32,8 @@ def synthetic_record(seed: int, swap: bool, n: int = 6, grid: int = 8, size: int
     """A run in the record format: swap runs' maps move onto the object's disc, no-swap runs' onto clutter blobs.
 
     Scalars hold the TSM pointing game (computed as the monitor does: maps upsampled to the masks' size), the TSM
-    entropy, an ``oracle`` series equal to the pointing game, a pure-noise series, and tags the study must leave
+    entropy, an ``oracle`` series equal to the pointing game, a ``trap`` series equal to it on seeds 0-2 and to its
+    opposite on seeds 3-4, a pure-noise series, and tags the study must leave
     out (a localization metric, a reference line, an exclusion count).
     """
     g = torch.Generator().manual_seed(100 * seed + int(swap))
@@ -68,6 +69,7 @@ def synthetic_record(seed: int, swap: bool, n: int = 6, grid: int = 8, size: int
             "saliency/tsm/entropy": float(map_entropy(maps.float()).mean()),
             "saliency/oracle/score": pg,
             "saliency/noise/score": float(torch.rand(1, generator=g)),
+            "saliency/trap/score": pg if seed < 3 else -pg,  # perfect on the training seeds, reversed on held-out
             "saliency/tsm/mask_iou": 0.5,
             "saliency/random/entropy": 0.9,
             "saliency/tsm/entropy_excluded": 1.0,
@@ -141,6 +143,9 @@ def test_series_csv_recomputes(records, result):
         np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, record["fresh_maps"]["tsm"].float(), strict=True)
     ]
     assert value("shape/tsm/fresh_init_similarity", "10") == pytest.approx(np.mean(pearson), rel=1e-4)
+    flipped = record["maps_flip"][10]["tsm"].float()  # already flipped back by the recorder
+    pearson = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, flipped, strict=True)]
+    assert value("shape/tsm/flip_consistency", "10") == pytest.approx(np.mean(pearson), rel=1e-4)
     first = record["scalars"][0]["saliency/tsm/entropy"]
     assert value("saliency/tsm/entropy:delta", "10") == pytest.approx(
         record["scalars"][10]["saliency/tsm/entropy"] - first, abs=1e-5
@@ -157,6 +162,12 @@ def test_oracle_holds_noise_does_not(result):
     assert oracle["rho"] == pytest.approx(1.0) and oracle["rho_train"] == pytest.approx(1.0)
     assert oracle["verdict"] == "holds" and oracle["heldout_accuracy"] == 1.0
     assert oracle["rho_lo"] <= oracle["rho"] <= oracle["rho_hi"]
+    trap = _row(rows, "saliency/trap/score")
+    assert trap["selected"] and trap["rho_train"] == pytest.approx(1.0) and trap["rho_heldout"] == pytest.approx(-1.0)
+    assert trap["verdict"] == "failed on held-out"
+    # Threshold (mean swap + mean no-swap) / 2 on seeds 0-2; held-out swap runs end at -pg (wrong side), no-swap
+    # runs at -0 = 0, still below it (right side): half the held-out runs are classified correctly.
+    assert trap["heldout_accuracy"] == 0.5
     noise = _row(rows, "saliency/noise/score")
     assert noise["verdict"] in ("not selected", "failed on held-out")
 
