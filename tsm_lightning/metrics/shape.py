@@ -91,6 +91,10 @@ def connected_components(selected: Tensor, connectivity: int = 4) -> Tensor:
         if connectivity == 8:
             neighbours += [p[:, :-2, :-2], p[:, :-2, 2:], p[:, 2:, :-2], p[:, 2:, 2:]]
         grown = torch.maximum(labels, torch.stack(neighbours).amax(dim=0)) * selected
+        # Pointer jumping: a label names a pixel of the same component, whose own label is at least as large.
+        flat_labels = grown.flatten(1)
+        jumped = flat_labels.gather(1, (flat_labels - 1).clamp_min(0))
+        grown = torch.maximum(flat_labels, jumped).reshape(grown.shape) * selected
         if torch.equal(grown, labels):
             break
         labels = grown
