@@ -162,12 +162,14 @@ def test_oracle_holds_noise_does_not(result):
     assert oracle["rho"] == pytest.approx(1.0) and oracle["rho_train"] == pytest.approx(1.0)
     assert oracle["verdict"] == "holds" and oracle["heldout_accuracy"] == 1.0
     assert oracle["rho_lo"] <= oracle["rho"] <= oracle["rho_hi"]
+    assert oracle["separated_from_step"] == 5  # step 0: every pointing game is 0 (AUC 0.5); from step 5 on, 1
     trap = _row(rows, "saliency/trap/score")
     assert trap["selected"] and trap["rho_train"] == pytest.approx(1.0) and trap["rho_heldout"] == pytest.approx(-1.0)
     assert trap["verdict"] == "failed on held-out"
     # Threshold (mean swap + mean no-swap) / 2 on seeds 0-2; held-out swap runs end at -pg (wrong side), no-swap
     # runs at -0 = 0, still below it (right side): half the held-out runs are classified correctly.
     assert trap["heldout_accuracy"] == 0.5
+    assert math.isnan(trap["separated_from_step"])  # over all runs: 3 of 5 swap runs above the no-swap ones, AUC 0.6
     noise = _row(rows, "saliency/noise/score")
     assert noise["verdict"] in ("not selected", "failed on held-out")
 
