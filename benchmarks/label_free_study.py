@@ -259,6 +259,22 @@ class Series:
         self.seeds = np.array([r.seed for r in runs])
         self.points = [tuple(np.asarray(v, dtype=float) for v in points([r], tag)) for r in runs]
         self.finals = np.array([final_value(r, tag, final_steps) for r in runs])
+        self.by_step = [r.values.get(tag, {}) for r in runs]
+
+    def separated_from(self, direction: int, min_auc: float) -> float:
+        """First logged step from which on the AUC of all runs, in ``direction``, stays ``>= min_auc`` (or NaN)."""
+        steps = sorted({s for values in self.by_step for s in values})
+        first = math.nan
+        for step in steps:
+            swap = [v[step] for v, w in zip(self.by_step, self.swap, strict=True) if w and step in v]
+            noswap = [v[step] for v, w in zip(self.by_step, self.swap, strict=True) if not w and step in v]
+            a = auc(swap, noswap)
+            aligned = a if direction > 0 else 1 - a
+            if direction != 0 and math.isfinite(aligned) and aligned >= min_auc:
+                first = step if math.isnan(first) else first
+            else:
+                first = math.nan
+        return float(first)
 
     def rho(self, index: Sequence[int]) -> float:
         if len(index) == 0:
@@ -348,6 +364,7 @@ def evaluate(runs: list[Run], tag: str, opts: Options) -> dict[str, object]:
         holds = direction * rho_ho >= opts.min_rho and aligned_ho >= opts.min_auc
         verdict = "holds" if holds else "failed on held-out"
     row["verdict"] = verdict
+    row["separated_from_step"] = series.separated_from(direction, opts.min_auc)
     return row
 
 

@@ -70,6 +70,7 @@ def synthetic_record(seed: int, swap: bool, n: int = 6, grid: int = 8, size: int
             "saliency/oracle/score": pg,
             "saliency/noise/score": float(torch.rand(1, generator=g)),
             "saliency/trap/score": pg if seed < 3 else -pg,  # perfect on the training seeds, reversed on held-out
+            "saliency/blip/score": pg if step == 5 else 0.0,  # apart at step 5 only
             "saliency/tsm/mask_iou": 0.5,
             "saliency/random/entropy": 0.9,
             "saliency/tsm/entropy_excluded": 1.0,
@@ -170,6 +171,7 @@ def test_oracle_holds_noise_does_not(result):
     # runs at -0 = 0, still below it (right side): half the held-out runs are classified correctly.
     assert trap["heldout_accuracy"] == 0.5
     assert math.isnan(trap["separated_from_step"])  # over all runs: 3 of 5 swap runs above the no-swap ones, AUC 0.6
+    assert math.isnan(_row(rows, "saliency/blip/score")["separated_from_step"])  # apart at step 5, not after
     noise = _row(rows, "saliency/noise/score")
     assert noise["verdict"] in ("not selected", "failed on held-out")
 
