@@ -26,7 +26,9 @@ default 0 1 2): ``|rho| >= --min-rho`` and a separation AUC, in the direction of
 warning threshold is the midpoint of the two conditions' mean final values on those seeds. A chosen series *holds*
 when on the held-out seeds (``--heldout-seeds``, default 3 4) its rank correlation has the same sign and
 ``|rho| >= --min-rho``, and its aligned AUC ``>= --min-auc``; the threshold's accuracy on held-out runs is
-reported beside.
+reported beside. When no run has a held-out seed yet (``--split auto``, the default, or ``--split loso``), every
+seed is held out in turn (leave one seed out: choose on the others, judge on it), and a series holds when it is
+chosen and holds in every fold; the reported threshold is then the midpoint over all runs.
 
 Writes under ``--output`` (default ``benchmarks/results/label_free``): ``series.csv`` (long format
 ``run,method,seed,swap,step,tag,value``, the pointing game included), ``signals.csv`` (one row per series and
@@ -315,13 +317,54 @@ def bootstrap(swap: np.ndarray, index: Sequence[int], statistic, reps: int, seed
 
 @dataclass
 class Options:
-    train_seeds: tuple[int, ...] = (0, 1, 2)
-    heldout_seeds: tuple[int, ...] = (3, 4)
+    folds: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (((0, 1, 2), (3, 4)),)
+    """``(training seeds, held-out seeds)`` per fold: one fixed split, or leave one seed out."""
     final_steps: int = 1
     min_rho: float = 0.5
     min_auc: float = 0.8
     reps: int = 1000
     seed: int = 0
+
+
+def _sign(value: float) -> int:
+    return 0 if not math.isfinite(value) or value == 0 else (1 if value > 0 else -1)
+
+
+def fold(series: Series, train_seeds: Sequence[int], heldout_seeds: Sequence[int], opts: Options) -> dict[str, object]:
+    """Choose on ``train_seeds`` (direction, selection, threshold), judge on ``heldout_seeds``."""
+    train = np.flatnonzero(np.isin(series.seeds, list(train_seeds)))
+    heldout = np.flatnonzero(np.isin(series.seeds, list(heldout_seeds)))
+    rho_train, auc_train = series.rho(train), series.auc(train)
+    direction = _sign(rho_train)
+    aligned_train = auc_train if direction > 0 else 1 - auc_train
+    swap, noswap = series.split(train)
+    threshold = float((swap.mean() + noswap.mean()) / 2) if len(swap) and len(noswap) else math.nan
+    selected = bool(
+        direction != 0
+        and abs(rho_train) >= opts.min_rho
+        and math.isfinite(aligned_train)
+        and aligned_train >= opts.min_auc
+    )
+    rho_ho, auc_ho = series.rho(heldout), series.auc(heldout)
+    aligned_ho = auc_ho if direction >= 0 else 1 - auc_ho
+    ho_swap, ho_noswap = series.split(heldout)
+    correct: list[bool] = []
+    if math.isfinite(threshold) and direction != 0:
+        correct = [*(direction * (ho_swap - threshold) > 0), *(direction * (ho_noswap - threshold) < 0)]
+    judged = len(heldout) > 0 and math.isfinite(rho_ho) and math.isfinite(auc_ho)
+    held = bool(judged and direction * rho_ho >= opts.min_rho and aligned_ho >= opts.min_auc)
+    return {
+        "rho_train": rho_train,
+        "auc_train": auc_train,
+        "direction": direction,
+        "selected": selected,
+        "threshold": threshold,
+        "rho_heldout": rho_ho,
+        "auc_heldout": auc_ho,
+        "correct": correct,
+        "judged": judged,
+        "held": held,
+    }
 
 
 def evaluate(runs: list[Run], tag: str, opts: Options) -> dict[str, object]:
@@ -333,36 +376,39 @@ def evaluate(runs: list[Run], tag: str, opts: Options) -> dict[str, object]:
     for key, fn in (("rho", series.rho), ("auc", series.auc), ("d", series.d)):
         row[key] = fn(every)
         row[f"{key}_lo"], row[f"{key}_hi"] = bootstrap(series.swap, every, fn, opts.reps, opts.seed)
-    train = np.flatnonzero(np.isin(series.seeds, opts.train_seeds))
-    heldout = np.flatnonzero(np.isin(series.seeds, opts.heldout_seeds))
-    rho_train, auc_train = series.rho(train), series.auc(train)
-    direction = 0 if not math.isfinite(rho_train) or rho_train == 0 else (1 if rho_train > 0 else -1)
-    aligned_train = auc_train if direction > 0 else 1 - auc_train
-    swap, noswap = series.split(train)
-    threshold = float((swap.mean() + noswap.mean()) / 2) if len(swap) and len(noswap) else math.nan
-    selected = bool(
-        direction != 0
-        and abs(rho_train) >= opts.min_rho
-        and math.isfinite(aligned_train)
-        and aligned_train >= opts.min_auc
+    folds = [fold(series, train, heldout, opts) for train, heldout in opts.folds]
+    if len(folds) == 1:
+        (only,) = folds
+        direction, threshold = int(only["direction"]), float(only["threshold"])
+    else:  # leave one seed out: the reported direction and threshold are those of every run
+        direction = _sign(float(row["rho"]))
+        swap, noswap = series.split(every)
+        threshold = float((swap.mean() + noswap.mean()) / 2) if len(swap) and len(noswap) else math.nan
+    correct = [c for f in folds for c in f["correct"]]
+    judged = [f for f in folds if f["judged"]]
+    row.update(
+        rho_train=float(np.mean([f["rho_train"] for f in folds])),
+        auc_train=float(np.mean([f["auc_train"] for f in folds])),
+        direction=direction,
+        threshold=threshold,
+        folds=len(folds),
+        folds_selected=sum(bool(f["selected"]) for f in folds),
+        folds_held=sum(bool(f["selected"] and f["held"]) for f in folds),
+        rho_heldout=float(np.mean([f["rho_heldout"] for f in judged])) if judged else math.nan,
+        auc_heldout=float(np.mean([f["auc_heldout"] for f in judged])) if judged else math.nan,
+        heldout_accuracy=float(np.mean(correct)) if correct and judged else math.nan,
     )
-    row.update(rho_train=rho_train, auc_train=auc_train, direction=direction, selected=selected, threshold=threshold)
-    rho_ho, auc_ho = series.rho(heldout), series.auc(heldout)
-    aligned_ho = auc_ho if direction >= 0 else 1 - auc_ho
-    ho_swap, ho_noswap = series.split(heldout)
-    if math.isfinite(threshold) and direction != 0 and len(ho_swap) + len(ho_noswap):
-        correct = np.concatenate([direction * (ho_swap - threshold) > 0, direction * (ho_noswap - threshold) < 0])
-        accuracy = float(correct.mean())
-    else:
-        accuracy = math.nan
-    row.update(rho_heldout=rho_ho, auc_heldout=auc_ho, heldout_accuracy=accuracy)
-    if not len(heldout) or not math.isfinite(rho_ho) or not math.isfinite(auc_ho):
-        verdict = "selected, no held-out runs" if selected else "not selected"
-    elif not selected:
+    row["selected"] = row["folds_selected"] == len(folds)
+    if row["folds_selected"] == 0:
         verdict = "not selected"
+    elif len(judged) < len(folds):
+        verdict = "selected, no held-out runs"
+    elif any(f["selected"] and not f["held"] for f in folds):
+        verdict = "failed on held-out"
+    elif row["selected"]:
+        verdict = "holds"
     else:
-        holds = direction * rho_ho >= opts.min_rho and aligned_ho >= opts.min_auc
-        verdict = "holds" if holds else "failed on held-out"
+        verdict = "selected in some folds only"
     row["verdict"] = verdict
     row["separated_from_step"] = series.separated_from(direction, opts.min_auc)
     return row
@@ -422,7 +468,13 @@ def short(tag: object) -> str:
 
 def order(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     """Rows by verdict (holds first), then by the training seeds' |rho|."""
-    rank = {"holds": 0, "selected, no held-out runs": 1, "failed on held-out": 2, "not selected": 3}
+    rank = {
+        "holds": 0,
+        "selected, no held-out runs": 1,
+        "selected in some folds only": 2,
+        "failed on held-out": 3,
+        "not selected": 4,
+    }
     return sorted(rows, key=lambda r: (rank[str(r["verdict"])], -abs(_finite(r["rho_train"]))))
 
 
@@ -431,10 +483,14 @@ def _finite(v: object) -> float:
 
 
 def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
-    """The README table: one row per series of the ``all`` group (names without ``saliency/``)."""
+    """The README table: one row per series of the ``all`` group (names without ``saliency/``).
+
+    The choice and held-out columns are those of the one fixed split, or means over the leave-one-seed-out folds
+    (the verdict then says in how many folds the series was chosen and held).
+    """
     lines = [
         "| series | rank corr. with pointing game (all runs) | separation AUC, final step | std. difference | "
-        "train seeds: rho / AUC | held-out: rho / AUC / threshold accuracy | verdict |",
+        "choice seeds: rho / AUC | held-out seeds: rho / AUC / threshold accuracy | verdict |",
         "|:--|--:|--:|--:|--:|--:|:--|",
     ]
     shown = [r for r in order(rows) if r["group"] == "all"][:limit]
@@ -444,9 +500,12 @@ def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
             if math.isfinite(r["rho_heldout"])
             else "-"
         )
+        verdict = str(r["verdict"])
+        if int(r["folds"]) > 1:
+            verdict += f" (chosen in {r['folds_selected']}/{r['folds']} folds, held in {r['folds_held']})"
         lines.append(
             f"| `{short(r['tag'])}` | {_interval(r, 'rho')} | {_interval(r, 'auc', '')} | {_interval(r, 'd')} | "
-            f"{r['rho_train']:+.2f} / {r['auc_train']:.2f} | {ho} | {r['verdict']} |"
+            f"{r['rho_train']:+.2f} / {r['auc_train']:.2f} | {ho} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -467,22 +526,23 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
         for run in runs:
             series = run.values.get(tag, {})
             steps = [s for s in run.steps if s in series]
-            style = "-" if run.seed in opts.train_seeds else "--"
+            style = "-" if len(opts.folds) > 1 or run.seed in opts.folds[0][0] else "--"
             ax.plot(steps, [series[s] for s in steps], style, color=colours[run.swap], alpha=0.8, lw=1.2)
         references = [run.reference[tag] for run in runs if tag in run.reference]
         if references:
             ax.axhline(float(np.mean(references)), color="grey", ls=":", lw=1, label="fresh-init network")
         if row is not None and math.isfinite(row["threshold"]):
-            ax.axhline(row["threshold"], color="black", ls="-.", lw=1, label="threshold (train seeds)")
+            ax.axhline(row["threshold"], color="black", ls="-.", lw=1, label="threshold (midpoint of final means)")
         title = tag if row is None else f"{tag}\n{row['verdict']}; rho {row['rho']:+.2f}, AUC {row['auc']:.2f}"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     handles = [
         plt.Line2D([], [], color=colours[True], label="background swap (learns the object)"),
         plt.Line2D([], [], color=colours[False], label="no swap (learns the clutter)"),
-        plt.Line2D([], [], color="k", ls="-", label=f"train seeds {list(opts.train_seeds)}"),
-        plt.Line2D([], [], color="k", ls="--", label=f"held-out seeds {list(opts.heldout_seeds)}"),
     ]
+    if len(opts.folds) == 1:
+        handles.append(plt.Line2D([], [], color="k", ls="-", label=f"train seeds {list(opts.folds[0][0])}"))
+        handles.append(plt.Line2D([], [], color="k", ls="--", label=f"held-out seeds {list(opts.folds[0][1])}"))
     axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
     for ax in list(axes.flat)[1:3]:
         if ax.get_legend_handles_labels()[0]:
@@ -517,6 +577,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "label_free_signals.png")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout-seeds", type=int, nargs="+", default=[3, 4])
+    parser.add_argument(
+        "--split",
+        choices=("auto", "fixed", "loso"),
+        default="auto",
+        help="fixed: choose on --train-seeds, judge on --heldout-seeds; loso: leave one seed out (choose on the "
+        "others, judge on it, for every seed); auto (default): fixed if any run has a held-out seed, else loso",
+    )
     parser.add_argument("--final-steps", type=int, default=1, help="logged steps averaged for the separation")
     parser.add_argument("--min-rho", type=float, default=0.5)
     parser.add_argument("--min-auc", type=float, default=0.8)
@@ -527,14 +594,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         parser.error(f"--train-seeds {args.train_seeds} and --heldout-seeds {args.heldout_seeds} must not overlap.")
     if args.final_steps < 1:
         parser.error(f"--final-steps must be at least 1, got {args.final_steps}.")
-    opts = Options(
-        tuple(args.train_seeds), tuple(args.heldout_seeds), args.final_steps, args.min_rho, args.min_auc, args.bootstrap
-    )
     records = load_records(args.records)
     if not records:
         parser.error(f"no record.pt under {args.records}; pass --records the folder the sweep writes its runs to.")
     torch.set_grad_enabled(False)
     runs = [series_of(name, record) for name, record in records]
+    seeds = sorted({r.seed for r in runs})
+    split = args.split
+    if split == "auto":
+        split = "fixed" if set(seeds) & set(args.heldout_seeds) else "loso"
+    if split == "loso":
+        if len(seeds) < 2:
+            parser.error(f"leave-one-seed-out needs runs of at least two seeds, got seeds {seeds}.")
+        folds = tuple((tuple(s for s in seeds if s != k), (k,)) for k in seeds)
+    else:
+        folds = ((tuple(args.train_seeds), tuple(args.heldout_seeds)),)
+    opts = Options(folds, args.final_steps, args.min_rho, args.min_auc, args.bootstrap)
     for run, (_, record) in zip(runs, records, strict=True):
         unaligned = [s for s in run.steps if not any(is_label_free(t) for t in record.get("scalars", {}).get(s, {}))]
         if unaligned:
@@ -556,6 +631,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "runs": [{"name": r.name, "method": r.method, "seed": r.seed, "swap": r.swap, "steps": r.steps} for r in runs],
+        "split": split,
         "options": vars(opts),
         "target": TARGET,
         "holds": [r["tag"] for r in rows if r["group"] == "all" and r["verdict"] == "holds"],
@@ -563,7 +639,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     }
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     conditions = f"{sum(r.swap for r in runs)} swap, {sum(not r.swap for r in runs)} no-swap"
-    print(f"Label-free study: {len(runs)} runs ({conditions}), {summary['date']}\n  {command}\n")
+    print(f"Label-free study: {len(runs)} runs ({conditions}), split {split}, {summary['date']}\n  {command}\n")
     print(table)
     return rows
 

@@ -176,6 +176,25 @@ def test_oracle_holds_noise_does_not(result):
     assert noise["verdict"] in ("not selected", "failed on held-out")
 
 
+def test_leave_one_seed_out_when_no_heldout_seed_exists(records, tmp_path):
+    subset = tmp_path / "sweep"
+    for run in records.iterdir():
+        if run.name.endswith(("seed0", "seed1", "seed2")):
+            (subset / run.name).mkdir(parents=True)
+            (subset / run.name / "record.pt").write_bytes((run / "record.pt").read_bytes())
+    out = tmp_path / "out"
+    rows = study.main(["--records", str(subset), "--output", str(out), "--figure", str(tmp_path / "f.png")])
+    assert json.loads((out / "summary.json").read_text())["split"] == "loso"
+    oracle = _row(rows, "saliency/oracle/score")
+    assert (oracle["folds"], oracle["folds_selected"], oracle["folds_held"]) == (3, 3, 3)
+    assert oracle["verdict"] == "holds" and oracle["heldout_accuracy"] == 1.0
+    assert "(chosen in 3/3 folds, held in 3)" in (out / "table.md").read_text()
+    # On seeds 0-2 the trap series is the pointing game itself: it holds there, as it should.
+    assert _row(rows, "saliency/trap/score")["verdict"] == "holds"
+    with pytest.raises(SystemExit):
+        study.main(["--records", str(subset / "simclr_swap_seed0"), "--split", "loso"])
+
+
 def test_numbers_match_scipy(records, result):
     rows = result[0]
     runs = [study.series_of(name, record) for name, record in study.load_records(records)]
