@@ -71,6 +71,7 @@ def synthetic_record(seed: int, swap: bool, n: int = 6, grid: int = 8, size: int
             "saliency/noise/score": float(torch.rand(1, generator=g)),
             "saliency/trap/score": pg if seed < 3 else -pg,  # perfect on the training seeds, reversed on held-out
             "saliency/blip/score": pg if step == 5 else 0.0,  # apart at step 5 only
+            "saliency/trap2/score": pg if seed < 2 else -pg,  # reversed on seed 2 already
             "saliency/tsm/mask_iou": 0.5,
             "saliency/random/entropy": 0.9,
             "saliency/tsm/entropy_excluded": 1.0,
@@ -191,8 +192,11 @@ def test_leave_one_seed_out_when_no_heldout_seed_exists(records, tmp_path):
     assert "(chosen in 3/3 folds, held in 3)" in (out / "table.md").read_text()
     # On seeds 0-2 the trap series is the pointing game itself: it holds there, as it should.
     assert _row(rows, "saliency/trap/score")["verdict"] == "holds"
+    # Chosen when seed 2 is held out (seeds 0 and 1 agree), and fails on it: a fold never sees its held-out seed.
+    trap2 = _row(rows, "saliency/trap2/score")
+    assert trap2["folds_selected"] >= 1 and trap2["verdict"] == "failed on held-out"
     with pytest.raises(SystemExit):
-        study.main(["--records", str(subset / "simclr_swap_seed0"), "--split", "loso"])
+        study.main(["--records", str(subset / "simclr_swap_seed0"), "--split", "loso", "--output", str(out)])
 
 
 def test_numbers_match_scipy(records, result):
@@ -224,8 +228,10 @@ def test_statistics_hand_made():
 
 def test_errors_say_what_to_pass(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        study.main(["--records", str(tmp_path)])
+        study.main(["--records", str(tmp_path), "--output", str(tmp_path)])
     assert "no record.pt under" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        study.main(["--records", str(tmp_path), "--train-seeds", "0", "1", "--heldout-seeds", "1"])
+        study.main(
+            ["--records", str(tmp_path), "--output", str(tmp_path), "--train-seeds", "0", "--heldout-seeds", "0"]
+        )
     assert "must not overlap" in capsys.readouterr().err
