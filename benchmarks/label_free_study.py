@@ -26,7 +26,8 @@ default 0 1 2): ``|rho| >= --min-rho`` and a separation AUC, in the direction of
 warning threshold is the midpoint of the two conditions' mean final values on those seeds. A chosen series *holds*
 when on the held-out seeds (``--heldout-seeds``, default 3 4) its rank correlation has the same sign and
 ``|rho| >= --min-rho``, and its aligned AUC ``>= --min-auc``; the threshold's accuracy on held-out runs is
-reported beside. When no run has a held-out seed yet (``--split auto``, the default, or ``--split loso``), every
+reported beside. Held-out runs of one condition only are judged on their rank correlation alone (no AUC without
+both conditions). When no run has a held-out seed yet (``--split auto``, the default, or ``--split loso``), every
 seed is held out in turn (leave one seed out: choose on the others, judge on it), and a series holds when it is
 chosen and holds in every fold; the reported threshold is then the midpoint over all runs.
 
@@ -326,6 +327,11 @@ class Options:
     seed: int = 0
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _sign(value: float) -> int:
     return 0 if not math.isfinite(value) or value == 0 else (1 if value > 0 else -1)
 
@@ -351,8 +357,10 @@ def fold(series: Series, train_seeds: Sequence[int], heldout_seeds: Sequence[int
     correct: list[bool] = []
     if math.isfinite(threshold) and direction != 0:
         correct = [*(direction * (ho_swap - threshold) > 0), *(direction * (ho_noswap - threshold) < 0)]
-    judged = len(heldout) > 0 and math.isfinite(rho_ho) and math.isfinite(auc_ho)
-    held = bool(judged and direction * rho_ho >= opts.min_rho and aligned_ho >= opts.min_auc)
+    # Judged on the held-out runs' tracking, and on their separation where both conditions are there.
+    judged = len(heldout) > 0 and math.isfinite(rho_ho)
+    separated = not math.isfinite(auc_ho) or aligned_ho >= opts.min_auc
+    held = bool(judged and direction * rho_ho >= opts.min_rho and separated)
     return {
         "rho_train": rho_train,
         "auc_train": auc_train,
@@ -387,15 +395,15 @@ def evaluate(runs: list[Run], tag: str, opts: Options) -> dict[str, object]:
     correct = [c for f in folds for c in f["correct"]]
     judged = [f for f in folds if f["judged"]]
     row.update(
-        rho_train=float(np.mean([f["rho_train"] for f in folds])),
-        auc_train=float(np.mean([f["auc_train"] for f in folds])),
+        rho_train=_nanmean([float(f["rho_train"]) for f in folds]),
+        auc_train=_nanmean([float(f["auc_train"]) for f in folds]),
         direction=direction,
         threshold=threshold,
         folds=len(folds),
         folds_selected=sum(bool(f["selected"]) for f in folds),
         folds_held=sum(bool(f["selected"] and f["held"]) for f in folds),
         rho_heldout=float(np.mean([f["rho_heldout"] for f in judged])) if judged else math.nan,
-        auc_heldout=float(np.mean([f["auc_heldout"] for f in judged])) if judged else math.nan,
+        auc_heldout=_nanmean([float(f["auc_heldout"]) for f in judged]),
         heldout_accuracy=float(np.mean(correct)) if correct and judged else math.nan,
     )
     row["selected"] = row["folds_selected"] == len(folds)
@@ -461,6 +469,10 @@ def _interval(row: Mapping, key: str, sign: str = "+") -> str:
     return f"{v:{sign}.2f} [{lo:{sign}.2f}, {hi:{sign}.2f}]" if math.isfinite(lo) else f"{v:{sign}.2f}"
 
 
+def _fmt(value: object, sign: str = "") -> str:
+    return f"{value:{sign}.2f}" if isinstance(value, float) and math.isfinite(value) else "-"
+
+
 def short(tag: object) -> str:
     """A series' name without the ``saliency/`` prefix (the README cites only tags a monitor run really logs)."""
     return str(tag).removeprefix("saliency/")
@@ -496,7 +508,7 @@ def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
     shown = [r for r in order(rows) if r["group"] == "all"][:limit]
     for r in shown:
         ho = (
-            f"{r['rho_heldout']:+.2f} / {r['auc_heldout']:.2f} / {r['heldout_accuracy']:.2f}"
+            f"{r['rho_heldout']:+.2f} / {_fmt(r['auc_heldout'])} / {_fmt(r['heldout_accuracy'])}"
             if math.isfinite(r["rho_heldout"])
             else "-"
         )
@@ -505,7 +517,7 @@ def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
             verdict += f" (chosen in {r['folds_selected']}/{r['folds']} folds, held in {r['folds_held']})"
         lines.append(
             f"| `{short(r['tag'])}` | {_interval(r, 'rho')} | {_interval(r, 'auc', '')} | {_interval(r, 'd')} | "
-            f"{r['rho_train']:+.2f} / {r['auc_train']:.2f} | {ho} | {verdict} |"
+            f"{_fmt(r['rho_train'], '+')} / {_fmt(r['auc_train'])} | {ho} | {verdict} |"
         )
     return "\n".join(lines)
 

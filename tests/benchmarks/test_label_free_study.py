@@ -199,6 +199,25 @@ def test_leave_one_seed_out_when_no_heldout_seed_exists(records, tmp_path):
         study.main(["--records", str(subset / "simclr_swap_seed0"), "--split", "loso", "--output", str(out)])
 
 
+def test_heldout_seed_with_one_condition_is_judged_on_its_tracking(records, tmp_path):
+    subset = tmp_path / "sweep"
+    for name in (
+        "simclr_swap_seed0",
+        "simclr_noswap_seed0",
+        "simclr_swap_seed1",
+        "simclr_noswap_seed1",
+        "simclr_swap_seed2",
+    ):
+        (subset / name).mkdir(parents=True)
+        (subset / name / "record.pt").write_bytes((records / name / "record.pt").read_bytes())
+    rows = study.main(
+        ["--records", str(subset), "--output", str(tmp_path / "out"), "--figure", str(tmp_path / "f.png")]
+    )
+    oracle = _row(rows, "saliency/oracle/score")
+    assert (oracle["folds"], oracle["folds_selected"], oracle["folds_held"]) == (3, 3, 3)
+    assert oracle["verdict"] == "holds" and oracle["auc_heldout"] == 1.0  # the mean over the two folds that have it
+
+
 def test_numbers_match_scipy(records, result):
     rows = result[0]
     runs = [study.series_of(name, record) for name, record in study.load_records(records)]
