@@ -111,10 +111,17 @@ def load_records(directory: Path) -> list[tuple[str, dict]]:
 
 
 def is_label_free(tag: str) -> bool:
-    """A logged scalar a user without masks has: no localization metric, reference line or exclusion count."""
+    """A logged scalar a user without masks has: no localization metric, reference line or exclusion count.
+
+    Agreement is symmetric (``saliency/a/agreement_b`` equals ``saliency/b/agreement_a``): only the pair with
+    ``a < b`` is kept.
+    """
     if not tag.startswith("saliency/") or tag.startswith(REFERENCE_PREFIXES) or tag.endswith("_excluded"):
         return False
-    return tag.rsplit("/", 1)[-1] not in LOCALIZATION
+    parts = tag.split("/")
+    if len(parts) == 3 and parts[2].startswith("agreement_") and parts[2].removeprefix("agreement_") < parts[1]:
+        return False
+    return parts[-1] not in LOCALIZATION
 
 
 def _float_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -530,7 +537,15 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     import matplotlib.pyplot as plt
 
     all_rows = [r for r in order(rows) if r["group"] == "all"]
-    best = [r for r in all_rows if not str(r["tag"]).endswith(DELTA)][:2]
+    best: list[dict[str, object]] = []  # the two best series of different kinds (last part of the name)
+    for r in all_rows:
+        kind = str(r["tag"]).rsplit("/", 1)[-1].split("_")[0]
+        if not str(r["tag"]).endswith(DELTA) and kind not in {
+            str(b["tag"]).rsplit("/", 1)[-1].split("_")[0] for b in best
+        }:
+            best.append(r)
+        if len(best) == 2:
+            break
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     panels = [(TARGET, None), *((str(r["tag"]), r) for r in best)]
     colours = {True: "tab:blue", False: "tab:orange"}

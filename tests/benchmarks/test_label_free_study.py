@@ -73,6 +73,8 @@ def synthetic_record(seed: int, swap: bool, n: int = 6, grid: int = 8, size: int
             "saliency/blip/score": pg if step == 5 else 0.0,  # apart at step 5 only
             "saliency/trap2/score": pg if seed < 2 else -pg,  # reversed on seed 2 already
             "saliency/tsm/mask_iou": 0.5,
+            "saliency/tsm/agreement_eigencam": 0.7,  # symmetric: the same number twice
+            "saliency/eigencam/agreement_tsm": 0.7,
             "saliency/random/entropy": 0.9,
             "saliency/tsm/entropy_excluded": 1.0,
             "saliency/fresh_init_tsm/stability_first": 0.3,
@@ -126,6 +128,7 @@ def test_only_label_free_series_are_judged(result):
     for left_out in ("saliency/tsm/mask_iou", "saliency/random/entropy", "saliency/tsm/entropy_excluded", study.TARGET):
         assert left_out not in tags
     assert not any(t.startswith("saliency/fresh_init_") for t in tags)
+    assert "saliency/eigencam/agreement_tsm" in tags and "saliency/tsm/agreement_eigencam" not in tags
 
 
 def test_series_csv_recomputes(records, result):
