@@ -33,7 +33,8 @@ chosen and holds in every fold; the reported threshold is then the midpoint over
 
 Writes under ``--output`` (default ``benchmarks/results/label_free``): ``series.csv`` (long format
 ``run,method,seed,swap,step,tag,value``, the pointing game included), ``signals.csv`` (one row per series and
-group), ``table.md`` (the README table) and ``summary.json`` (command, date, runs used, parameters, verdicts), and
+group), ``table.md`` (every series) and ``readme_table.md`` (TSM's, the map-independent ones and every one that
+holds: the README table) and ``summary.json`` (command, date, runs used, parameters, verdicts), and
 the figure ``--figure`` (default ``docs/label_free_signals.png``).
 
     .venv/bin/python benchmarks/label_free_study.py --records runs/sweep
@@ -501,6 +502,22 @@ def _finite(v: object) -> float:
     return float(v) if isinstance(v, float) and math.isfinite(v) else 0.0
 
 
+def readme_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The README's subset: TSM's series and those that do not depend on the map, plus every series that holds."""
+
+    def shown(r: dict[str, object]) -> bool:
+        tag = str(r["tag"])
+        if r["verdict"] == "holds":
+            return True
+        if tag.endswith(DELTA):
+            return False
+        parts = tag.split("/")
+        per_map = len(parts) == 3 and parts[1] not in ("features", "embedding")
+        return not per_map or parts[1] == "tsm"
+
+    return [r for r in rows if shown(r)]
+
+
 def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
     """The README table: one row per series of the ``all`` group (names without ``saliency/``).
 
@@ -652,6 +669,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     write_signals(rows, args.output / "signals.csv")
     table = markdown(rows, args.rows)
     (args.output / "table.md").write_text(table + "\n")
+    (args.output / "readme_table.md").write_text(markdown(readme_rows(rows)) + "\n")
     figure(runs, rows, args.figure, opts)
     command = "python benchmarks/label_free_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     summary = {

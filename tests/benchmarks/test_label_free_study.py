@@ -115,6 +115,9 @@ def test_outputs_written(result):
     assert "--records" in summary["command"]
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len([r for r in rows if r["group"] == "all"])
+    readme = (out / "readme_table.md").read_text()
+    assert "| `tsm/entropy` |" in readme and "| `oracle/score:delta` |" in readme  # TSM's, and what holds
+    assert "| `tsm/entropy:delta` |" not in readme and "saliency/" not in readme
     with (out / "signals.csv").open() as f:
         assert {r["tag"] for r in csv.DictReader(f)} == {r["tag"] for r in rows}
 
