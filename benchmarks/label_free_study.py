@@ -308,10 +308,15 @@ class Series:
 
 
 def bootstrap(swap: np.ndarray, index: Sequence[int], statistic, reps: int, seed: int) -> tuple[float, float]:
-    """95 % percentile interval of ``statistic(index)`` over runs resampled with replacement within each condition."""
+    """95 % percentile interval of ``statistic(index)`` over runs resampled with replacement within each condition.
+
+    NaN (no interval) when a condition has a single run.
+    """
     rng = np.random.default_rng(seed)
     idx = np.asarray(index, dtype=int)
     groups = [g for g in (idx[swap[idx]], idx[~swap[idx]]) if len(g)]
+    if any(len(g) < 2 for g in groups):  # one run of a condition: nothing to resample, no interval
+        return math.nan, math.nan
     values = []
     for _ in range(reps):
         sample = np.concatenate([rng.choice(g, len(g)) for g in groups])
@@ -513,7 +518,7 @@ def readme_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
             return False
         parts = tag.split("/")
         per_map = len(parts) == 3 and parts[1] not in ("features", "embedding")
-        return not per_map or parts[1] == "tsm"
+        return not per_map or parts[1] == "tsm" or parts[2] == "agreement_tsm"
 
     return [r for r in rows if shown(r)]
 
@@ -626,7 +631,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         choices=("auto", "fixed", "loso"),
         default="auto",
         help="fixed: choose on --train-seeds, judge on --heldout-seeds; loso: leave one seed out (choose on the "
-        "others, judge on it, for every seed); auto (default): fixed if any run has a held-out seed, else loso",
+        "others, judge on it, for every seed); auto (default): fixed if any run has a held-out seed or all runs "
+        "have one seed, else loso",
     )
     parser.add_argument("--final-steps", type=int, default=1, help="logged steps averaged for the separation")
     parser.add_argument("--min-rho", type=float, default=0.5)
@@ -646,7 +652,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     seeds = sorted({r.seed for r in runs})
     split = args.split
     if split == "auto":
-        split = "fixed" if set(seeds) & set(args.heldout_seeds) else "loso"
+        split = "fixed" if set(seeds) & set(args.heldout_seeds) or len(seeds) < 2 else "loso"
     if split == "loso":
         if len(seeds) < 2:
             parser.error(f"leave-one-seed-out needs runs of at least two seeds, got seeds {seeds}.")

@@ -117,7 +117,11 @@ def test_outputs_written(result):
     assert table.count("\n") == 2 + len([r for r in rows if r["group"] == "all"])
     readme = (out / "readme_table.md").read_text()
     assert "| `tsm/entropy` |" in readme and "| `oracle/score:delta` |" in readme  # TSM's, and what holds
-    assert "| `tsm/entropy:delta` |" not in readme and "saliency/" not in readme
+    assert (
+        "| `eigencam/agreement_tsm` |" in readme
+        and "| `tsm/entropy:delta` |" not in readme
+        and "saliency/" not in readme
+    )
     with (out / "signals.csv").open() as f:
         assert {r["tag"] for r in csv.DictReader(f)} == {r["tag"] for r in rows}
 
@@ -249,6 +253,12 @@ def test_statistics_hand_made():
     assert math.isnan(study.spearman([1, 1, 1], [1, 2, 3]))
     assert study.auc([3, 4], [1, 2]) == 1.0 and study.auc([1, 2], [1, 2]) == 0.5 and study.auc([1], [1, 0]) == 0.75
     assert study.ranks(np.array([5.0, 1.0, 5.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    swap = np.array([True, False, False])
+    lo, hi = study.bootstrap(swap, [0, 1, 2], lambda idx: float(len(idx)), 10, 0)
+    assert math.isnan(lo) and math.isnan(hi)  # one swap run: nothing to resample
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    lo, hi = study.bootstrap(np.array([True, True, False, False]), [0, 1, 2, 3], lambda i: values[i].mean(), 200, 0)
+    assert 1.0 <= lo <= 2.5 <= hi <= 4.0
 
 
 def test_errors_say_what_to_pass(tmp_path, capsys):
