@@ -31,11 +31,17 @@ both conditions). When no run has a held-out seed yet (``--split auto``, the def
 seed is held out in turn (leave one seed out: choose on the others, judge on it), and a series holds when it is
 chosen and holds in every fold; the reported threshold is then the midpoint over all runs.
 
-Writes under ``--output`` (default ``benchmarks/results/label_free``): ``series.csv`` (long format
-``run,method,seed,swap,step,tag,value``, the pointing game included), ``signals.csv`` (one row per series and
-group), ``table.md`` (every series) and ``readme_table.md`` (TSM's, the map-independent ones and every one that
-holds: the README table) and ``summary.json`` (command, date, runs used, parameters, verdicts), and
-the figure ``--figure`` (default ``docs/label_free_signals.png``).
+Writes under ``--output`` (default ``benchmarks/results/label_free``):
+
+* ``series.csv``: every series in long format ``run,method,seed,swap,step,tag,value``, the pointing game included;
+  the ``:delta`` series are left out (each is its series minus its first value); step ``reference`` holds the
+  shape statistics of the fresh-init maps;
+* ``signals.csv``: one row per series (and per method when there are several) with every number above;
+* ``table.md`` (every series) and ``readme_table.md`` (TSM's, the map-independent ones and every one that holds:
+  the README table);
+* ``summary.json``: command, date, runs used, split, parameters, the series that hold and those that failed;
+
+and the figure ``--figure`` (default ``docs/label_free_signals.png``).
 
     .venv/bin/python benchmarks/label_free_study.py --records runs/sweep
 """
@@ -457,7 +463,7 @@ def write_series(runs: list[Run], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["run", "method", "seed", "swap", "step", "tag", "value"])
         for run in runs:
-            for tag in sorted(run.values):
+            for tag in sorted(t for t in run.values if not t.endswith(DELTA)):  # deltas: value - first value
                 for step in sorted(run.values[tag]):
                     writer.writerow(
                         [run.name, run.method, run.seed, int(run.swap), step, tag, f"{run.values[tag][step]:.6g}"]

@@ -159,9 +159,11 @@ def test_series_csv_recomputes(records, result):
     pearson = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, flipped, strict=True)]
     assert value("shape/tsm/flip_consistency", "10") == pytest.approx(np.mean(pearson), rel=1e-4)
     first = record["scalars"][0]["saliency/tsm/entropy"]
-    assert value("saliency/tsm/entropy:delta", "10") == pytest.approx(
-        record["scalars"][10]["saliency/tsm/entropy"] - first, abs=1e-5
+    run = study.series_of("simclr_swap_seed3", record)
+    assert run.values["saliency/tsm/entropy:delta"][10] == pytest.approx(
+        record["scalars"][10]["saliency/tsm/entropy"] - first, abs=1e-6
     )
+    assert not any(r["tag"].endswith(":delta") for r in rows)  # derivable, not written
     assert value("saliency/tsm/stability_first_minus_fresh", "5") == pytest.approx(0.9 - 0.3, abs=1e-5)
     assert value("loss", "5") == pytest.approx(np.mean([5.0 - 0.1 * s + 0.03 for s in range(1, 6)]), rel=1e-5)
     reference = float(largest_blob_mass(record["fresh_maps"]["tsm"].float()).mean())
