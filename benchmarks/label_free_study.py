@@ -39,7 +39,8 @@ Writes under ``--output`` (default ``benchmarks/results/label_free``):
 * ``signals.csv``: one row per series (and per method when there are several) with every number above;
 * ``table.md`` (every series) and ``readme_table.md`` (TSM's, the map-independent ones and every one that holds:
   the README table);
-* ``summary.json``: command, date, runs used, split, parameters, the series that hold and those that failed;
+* ``summary.json``: command, date, runs used, split, parameters, the series that hold and those that failed, and
+  the median cost in ms of each shape statistic on one record's last TSM maps (``cost_ms``);
 
 and the figure ``--figure`` (default ``docs/label_free_signals.png``).
 
@@ -55,6 +56,7 @@ import json
 import math
 import shlex
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +459,29 @@ def analyse(runs: list[Run], opts: Options) -> list[dict[str, object]]:
     return rows
 
 
+def shape_cost(record: Mapping, repeats: int = 30) -> dict[str, object]:
+    """Median milliseconds of each shape statistic (and of entropy, for comparison) on one record's last TSM maps."""
+    from tsm_lightning.metrics import map_entropy
+
+    last = max(int(s) for s in record["steps"])
+    maps = _float_maps(record["maps"][last]["tsm"])
+    fresh = _float_maps(record["fresh_maps"].get("tsm", record["maps"][last]["tsm"]))
+    functions = {
+        **SHAPE,
+        "fresh_init_similarity": lambda m: fresh_init_similarity(m, fresh),
+        "entropy (logged today)": map_entropy,
+    }
+    out: dict[str, object] = {"maps": list(maps.shape), "threads": torch.get_num_threads()}
+    for name, fn in functions.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(maps)
+            times.append(time.perf_counter() - start)
+        out[name] = round(1e3 * float(np.median(times)), 3)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- outputs
 def write_series(runs: list[Run], path: Path) -> None:
     with path.open("w", newline="") as f:
@@ -676,6 +701,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     if missing:
         parser.error(f"runs {missing} have no {TARGET} and no tsm maps with masks to compute it from.")
     rows = analyse(runs, opts)
+    cost = shape_cost(records[0][1])
     args.output.mkdir(parents=True, exist_ok=True)
     write_series(runs, args.output / "series.csv")
     write_signals(rows, args.output / "signals.csv")
@@ -691,6 +717,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         "split": split,
         "options": vars(opts),
         "target": TARGET,
+        "cost_ms": cost,
         "holds": [r["tag"] for r in rows if r["group"] == "all" and r["verdict"] == "holds"],
         "failed_on_heldout": [r["tag"] for r in rows if r["group"] == "all" and r["verdict"] == "failed on held-out"],
     }

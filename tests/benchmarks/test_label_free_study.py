@@ -113,6 +113,8 @@ def test_outputs_written(result):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 10 and summary["target"] == study.TARGET
     assert "--records" in summary["command"]
+    cost = summary["cost_ms"]
+    assert cost["maps"] == [6, 8, 8] and all(cost[k] > 0 for k in (*study.SHAPE, "fresh_init_similarity"))
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len([r for r in rows if r["group"] == "all"])
     readme = (out / "readme_table.md").read_text()
