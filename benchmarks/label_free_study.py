@@ -631,7 +631,13 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     forest = [r for r in all_rows if not str(r["tag"]).endswith(DELTA) and math.isfinite(r["rho"])]
     forest = sorted(forest, key=lambda r: -abs(r["rho"]))[:16][::-1]
     y = np.arange(len(forest))
-    marks = {"holds": "tab:green", "failed on held-out": "tab:red", "not selected": "grey"}
+    marks = {
+        "holds": "tab:green",
+        "failed on held-out": "tab:red",
+        "selected in some folds only": "tab:purple",
+        "selected, no held-out runs": "black",
+        "not selected": "grey",
+    }
     for i, r in enumerate(forest):
         colour = marks.get(str(r["verdict"]), "black")
         lo, hi = r["rho_lo"], r["rho_hi"]
@@ -642,7 +648,11 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlim(-1, 1)
     ax.set_xlabel("Spearman rho with TSM pointing game (95 % bootstrap over runs)")
-    ax.set_title("green: holds on held-out seeds; red: failed there; grey: not selected", fontsize=9)
+    ax.set_title(
+        "green: holds on held-out seeds; red: failed there; purple: chosen in some folds only;\n"
+        "black: chosen, no held-out seed yet; grey: not chosen",
+        fontsize=8,
+    )
     fig.suptitle(f"Label-free series vs the masks' verdict: {len(runs)} runs", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
