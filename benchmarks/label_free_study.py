@@ -88,6 +88,13 @@ SHAPE = {
 }
 """Shape statistics of one batch of maps, computed per map and step (and on the fresh-init maps as reference)."""
 DELTA = ":delta"
+FIGURE_SERIES = (
+    "saliency/tsm/entropy",
+    "saliency/eigencam/agreement_tsm",
+    "shape/tsm/mass_spread",
+    "shape/tsm/largest_blob_mass",
+)
+"""The figure's panels beside the pointing game: the README's candidates and the compactness that failed."""
 
 
 @dataclass
@@ -583,24 +590,22 @@ def markdown(rows: list[dict[str, object]], limit: int | None = None) -> str:
 
 
 def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Options) -> None:
-    """Pointing game and the best label-free series per step, swap vs no-swap, and the rank correlations."""
+    """Pointing game and :data:`FIGURE_SERIES` per step, swap vs no-swap, and the rank correlations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     all_rows = [r for r in order(rows) if r["group"] == "all"]
-    best: list[dict[str, object]] = []  # the two best series of different kinds (last part of the name)
-    for r in all_rows:
-        kind = str(r["tag"]).rsplit("/", 1)[-1].split("_")[0]
-        if not str(r["tag"]).endswith(DELTA) and kind not in {
-            str(b["tag"]).rsplit("/", 1)[-1].split("_")[0] for b in best
-        }:
-            best.append(r)
-        if len(best) == 2:
+    by_tag = {str(r["tag"]): r for r in all_rows}
+    chosen = [by_tag[t] for t in FIGURE_SERIES if t in by_tag]
+    for r in all_rows:  # fill up with the best remaining series
+        if len(chosen) >= 4:
             break
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    panels = [(TARGET, None), *((str(r["tag"]), r) for r in best)]
+        if r not in chosen and not str(r["tag"]).endswith(DELTA):
+            chosen.append(r)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    panels = [(TARGET, None), *((str(r["tag"]), r) for r in chosen[:4])]
     colours = {True: "tab:blue", False: "tab:orange"}
     for ax, (tag, row) in zip(axes.flat, panels, strict=False):
         for run in runs:
@@ -610,7 +615,9 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
             ax.plot(steps, [series[s] for s in steps], style, color=colours[run.swap], alpha=0.8, lw=1.2)
         references = [run.reference[tag] for run in runs if tag in run.reference]
         if references:
-            ax.axhline(float(np.mean(references)), color="grey", ls=":", lw=1, label="fresh-init network")
+            span = [min(min(r.steps) for r in runs), max(max(r.steps) for r in runs)]
+            reference = float(np.mean(references))  # a plotted line (not axhline) so that the axis includes it
+            ax.plot(span, [reference, reference], color="grey", ls=":", lw=1, label="fresh-init network")
         if row is not None and math.isfinite(row["threshold"]):
             ax.axhline(row["threshold"], color="black", ls="-.", lw=1, label="threshold (midpoint of final means)")
         title = tag if row is None else f"{tag}\n{row['verdict']}; rho {row['rho']:+.2f}, AUC {row['auc']:.2f}"
@@ -624,10 +631,10 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
         handles.append(plt.Line2D([], [], color="k", ls="-", label=f"train seeds {list(opts.folds[0][0])}"))
         handles.append(plt.Line2D([], [], color="k", ls="--", label=f"held-out seeds {list(opts.folds[0][1])}"))
     axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
-    for ax in list(axes.flat)[1:3]:
+    for ax in list(axes.flat)[1:5]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    ax = axes.flat[3]
+    ax = axes.flat[5]
     forest = [r for r in all_rows if not str(r["tag"]).endswith(DELTA) and math.isfinite(r["rho"])]
     forest = sorted(forest, key=lambda r: -abs(r["rho"]))[:16][::-1]
     y = np.arange(len(forest))
@@ -647,10 +654,9 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     ax.set_yticks(y, [short(r["tag"]) for r in forest], fontsize=6)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlim(-1, 1)
-    ax.set_xlabel("Spearman rho with TSM pointing game (95 % bootstrap over runs)")
+    ax.set_xlabel("Spearman rho with the pointing game (95 % bootstrap)", fontsize=8)
     ax.set_title(
-        "green: holds on held-out seeds; red: failed there; purple: chosen in some folds only;\n"
-        "black: chosen, no held-out seed yet; grey: not chosen",
+        "green: holds on held-out seeds; red: failed there;\npurple: chosen in some folds; black: not judged; grey: not chosen",
         fontsize=8,
     )
     fig.suptitle(f"Label-free series vs the masks' verdict: {len(runs)} runs", fontsize=11)
