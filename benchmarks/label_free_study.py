@@ -656,7 +656,8 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     ax.set_xlim(-1, 1)
     ax.set_xlabel("Spearman rho with the pointing game (95 % bootstrap)", fontsize=8)
     ax.set_title(
-        "green: holds on held-out seeds; red: failed there;\npurple: chosen in some folds; black: not judged; grey: not chosen",
+        "green: holds on held-out seeds; red: failed there;\n"
+        "purple: chosen in some folds; black: not judged; grey: not chosen",
         fontsize=8,
     )
     fig.suptitle(f"Label-free series vs the masks' verdict: {len(runs)} runs", fontsize=11)
