@@ -27,8 +27,9 @@ seed-sweep: $(STAMP)  ## the demo for seeds 0-4, with and without background swa
 matrix: $(STAMP)  ## the SSL method matrix: 8 methods x 3 seeds + no-swap controls (hours of CPU; resumable)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/ssl_matrix.py --runs runs/sweep
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP)  ## ruff, mypy over the package, the whole test suite
 	$(BIN)/ruff check tsm_lightning tests examples benchmarks
+	$(BIN)/mypy tsm_lightning
 	$(BIN)/python -m pytest
 
 clean:

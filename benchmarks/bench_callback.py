@@ -128,24 +128,12 @@ class TimedMonitor(SaliencyMonitor):
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         self._timed(super().on_train_end, *args, **kwargs)
 
-    def _capture_probe(self, *args: Any, **kwargs: Any) -> Any:
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        out = super()._capture_probe(*args, **kwargs)
-        self._compute_time += time.perf_counter() - start
-        return out
-
-    def _maps(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = super()._maps(*args, **kwargs)
-        self._compute_time += time.perf_counter() - start
-        return out
-
-    def run(self, trainer: Any, pl_module: Any) -> None:
-        self._compute_time = 0.0  # probe forward and maps of this run (the first run's fresh-init reference too)
-        start = time.perf_counter()
-        super().run(trainer, pl_module)
-        self.run_times.append(time.perf_counter() - start)
-        self.compute_times.append(self._compute_time)
+        result = super().run(*args, **kwargs)
+        self.run_times.append(time.perf_counter() - start)  # the training thread's time; writing is in the background
+        self.compute_times.append(result.seconds["forward"] + result.seconds["maps"])  # probe forward and maps
+        return result
 
 
 class StepClock(Callback):

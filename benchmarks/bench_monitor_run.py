@@ -5,14 +5,19 @@ random-init ResNet18 (``backbone = resnet18 children but the classifier``) at 64
 (layer2, an 8x8 grid of 128 channels, the automatic choice at 64 px), with a probe of 128 ``SyntheticShapes``
 images and their masks (so the localization metrics run), every method, ``metrics=True``, and a TensorBoard logger.
 ``monitor.run`` is called directly, after one warm-up run (the first run also computes the fresh-initialisation
-reference, a one-off), and each run is split by wrapping the monitor's own seams:
+reference, a one-off). The current package reports its own split (:attr:`tsm_lightning.tracking.RunResult.seconds`):
 
-* **forward**: ``_capture_probe`` (the probe through the backbone, with the hook);
-* **decomposition + maps**: ``_maps`` (and, in versions whose metrics decomposed the features again for the
-  spectral concentration, that second decomposition);
-* **metrics**: ``_scalars`` without that second decomposition;
-* **writing**: ``_log`` (TensorBoard images, scalars, flush);
-* **rendering and the rest**: the remainder of ``run`` (upsampling for display, overlays, grids, bookkeeping).
+* **forward**: the probe through the backbone, with the hook;
+* **decomposition + maps**;
+* **metrics** (with their reference series);
+* **rendering and the rest**: upsampling for display, overlays, grids, and handing the run to the writer;
+* **writing on the training thread**: zero since the writing moved to the monitor's background writer;
+* **whole run**: the training thread's time in ``monitor.run``;
+* **background writing**: the time ``monitor.flush()`` then waits for the writer (TensorBoard images, scalars).
+
+The ratio **whole run / (forward + maps)** is the training thread's cost relative to the probe's forward and maps.
+A revision from before the run object (``--before``) is split by wrapping its private seams (``_capture_probe``,
+``_maps``, ``_scalars``, ``_log``), as this benchmark did then; its writing happens on the training thread.
 
 ``--before REV`` also measures the package as it was at git revision ``REV`` (extracted with ``git archive`` into a
 temporary folder and imported under another name), alternating with the current one in the same process, so both
@@ -22,7 +27,6 @@ see the same machine load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import re
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,7 +49,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
-CATEGORIES = ("forward", "decomposition + maps", "metrics", "rendering and the rest", "writing", "whole run")
+CATEGORIES = (
+    "forward",
+    "decomposition + maps",
+    "metrics",
+    "rendering and the rest",
+    "writing on the training thread",
+    "whole run",
+    "whole run / (forward + maps)",
+    "background writing",
+)
 
 
 class Backbone(LightningModule):
@@ -79,7 +92,7 @@ def load_revision(rev: str, folder: Path) -> ModuleType:
 
 
 class Split:
-    """Wraps a monitor's seams and accumulates their times for one run."""
+    """Wraps an old revision's private seams (before the run object) and accumulates their times for one run."""
 
     def __init__(self, monitor: Any, package: ModuleType) -> None:
         self.times: dict[str, float] = dict.fromkeys(("forward", "maps", "spectra", "scalars", "log"), 0.0)
@@ -100,30 +113,51 @@ class Split:
 
         return wrapper
 
-    @contextlib.contextmanager
-    def run(self) -> Iterator[dict[str, float]]:
+    def measure(self, monitor: Any, trainer: Trainer, model: Any) -> dict[str, float]:
         for key in self.times:
             self.times[key] = 0.0
-        out: dict[str, float] = {}
         start = time.perf_counter()
-        yield out
+        monitor.run(trainer, model)
         total = time.perf_counter() - start
         t = self.times
-        out.update(
-            {
-                "forward": t["forward"],
-                "decomposition + maps": t["maps"] + t["spectra"],
-                "metrics": t["scalars"] - t["spectra"],
-                "writing": t["log"],
-                "whole run": total,
-            }
-        )
-        out["rendering and the rest"] = total - t["forward"] - t["maps"] - t["scalars"] - t["log"]
+        return _split(t["forward"], t["maps"] + t["spectra"], t["scalars"] - t["spectra"], t["log"], total, 0.0)
+
+
+def measure_current(monitor: Any, trainer: Trainer, model: Any) -> dict[str, float]:
+    """One run of the current package: its own split, the training thread's time, then the writer's."""
+    start = time.perf_counter()
+    result = monitor.run(trainer, model)
+    total = time.perf_counter() - start
+    start = time.perf_counter()
+    monitor.flush()
+    background = time.perf_counter() - start
+    seconds = result.seconds
+    return _split(seconds["forward"], seconds["maps"], seconds["metrics"], 0.0, total, background)
+
+
+def _split(
+    forward: float, maps: float, metrics: float, log: float, total: float, background: float
+) -> dict[str, float]:
+    return {
+        "forward": forward,
+        "decomposition + maps": maps,
+        "metrics": metrics,
+        "rendering and the rest": total - forward - maps - metrics - log,
+        "writing on the training thread": log,
+        "whole run": total,
+        "whole run / (forward + maps)": total / (forward + maps),
+        "background writing": background,
+    }
 
 
 def make_monitor(package: ModuleType, images: Tensor, masks: Tensor, root: Path) -> tuple[Any, Trainer, Any]:
     callbacks = importlib.import_module(f"{package.__name__}.callbacks")
-    monitor = callbacks.SaliencyMonitor(images, masks=masks, layer="backbone.5", num_images=len(images), strict=True)
+    if hasattr(package, "Probe"):
+        probe = package.Probe(images, masks)
+        monitor = callbacks.SaliencyMonitor(probe, layer="backbone.5", num_images=len(images), strict=True)
+    else:  # before the run object: masks were an argument
+        kwargs = {"masks": masks, "layer": "backbone.5", "num_images": len(images), "strict": True}
+        monitor = callbacks.SaliencyMonitor(images, **kwargs)
     trainer = Trainer(
         logger=TensorBoardLogger(str(root), name=package.__name__),
         accelerator="cpu",
@@ -133,7 +167,10 @@ def make_monitor(package: ModuleType, images: Tensor, masks: Tensor, root: Path)
     )
     model = Backbone().eval()
     monitor.setup(trainer, model, "fit")
-    monitor._prepare(trainer, model)
+    if hasattr(monitor, "tracker"):
+        monitor.tracker.prepare(model, monitor.probe)
+    else:
+        monitor._prepare(trainer, model)
     return monitor, trainer, model
 
 
@@ -151,14 +188,15 @@ def measure(packages: dict[str, ModuleType], count: int, size: int, runs: int) -
         setups = {}
         for name, package in packages.items():
             monitor, trainer, model = make_monitor(package, images, masks, Path(root))
-            split = Split(monitor, package)
-            monitor.run(trainer, model)  # warm-up: also the one-off fresh-initialisation reference
-            setups[name] = monitor, trainer, model, split
+            if hasattr(monitor, "tracker"):
+                measure_one: Callable[..., dict[str, float]] = measure_current
+            else:
+                measure_one = Split(monitor, package).measure
+            measure_one(monitor, trainer, model)  # warm-up: also the one-off fresh-initialisation reference
+            setups[name] = monitor, trainer, model, measure_one
         for _ in range(runs):
-            for name, (monitor, trainer, model, split) in setups.items():
-                with split.run() as out:
-                    monitor.run(trainer, model)
-                samples[name].append(out)
+            for name, (monitor, trainer, model, measure_one) in setups.items():
+                samples[name].append(measure_one(monitor, trainer, model))
     return samples
 
 
@@ -166,13 +204,15 @@ def table(samples: dict[str, list[dict[str, float]]]) -> str:
     names = list(samples)
     rows = []
     for category in CATEGORIES:
-        medians = [statistics.median(s[category] for s in samples[name]) * 1e3 for name in names]
-        shares = [
-            f"{fmt_ms(m)} ({100 * m / (statistics.median(s['whole run'] for s in samples[n]) * 1e3):.0f}%)"
-            for m, n in zip(medians, names, strict=True)
-        ]
-        rows.append([category, *shares])
-    return markdown_table(["part of one run", *(f"{name} (ms, share)" for name in names)], rows)
+        medians = [statistics.median(s[category] for s in samples[name]) for name in names]
+        if category.startswith("whole run /"):
+            rows.append([category, *(f"{m:.2f}x" for m in medians)])
+            continue
+        whole = [statistics.median(s["whole run"] for s in samples[name]) for name in names]
+        rows.append(
+            [category, *(f"{fmt_ms(m * 1e3)} ({100 * m / w:.0f}%)" for m, w in zip(medians, whole, strict=True))]
+        )
+    return markdown_table(["part of one run", *(f"{name} (ms, share of the whole run)" for name in names)], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch import seed_everything
 
 from tsm_lightning import METHODS, explain, find_layer
+from tsm_lightning.cli import CLIError
+from tsm_lightning.cli.loading import load_lightning
 from tsm_lightning.data import SyntheticShapes, TexturedObjects
 from tsm_lightning.metrics import energy_in_mask, pointing_game, random_maps
 
@@ -86,10 +88,18 @@ def main(argv: list[str] | None = None) -> None:
         "--layer", default=None, help="default: the automatic choice (a ViT's last block, else deepest map >= 7x7)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the training seed (for the initial weights)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read --checkpoint with a full unpickle (runs any code it carries): only for files you trust",
+    )
     args = parser.parse_args(argv)
 
     cls = _model_class(args.example)
-    trained = cls.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    try:  # the command line's loader: the file is read as data, the class is the example's
+        trained = load_lightning(args.checkpoint, cls, "cpu", trust=args.trust_checkpoint).model
+    except CLIError as err:
+        parser.error(str(err))
     seed_everything(args.seed, verbose=False)
     untrained = cls(**trained.hparams).eval()
     data = args.data or ("textured" if args.example in TEXTURED_BY_DEFAULT else "synthetic")

@@ -44,6 +44,7 @@ from reference_paths import authors_code_tsm, gradcam_eigencam, mtsm_abs_after_s
 
 from tsm_lightning import METHODS, saliency_maps, upsample_maps
 from tsm_lightning.capture import capture
+from tsm_lightning.cli.loading import load_lightning
 from tsm_lightning.data import TexturedObjects
 from tsm_lightning.metrics import faithfulness_metrics, localization_metrics, random_maps
 from tsm_lightning.render import denormalize
@@ -109,7 +110,7 @@ def study_one(
     localization values image by image, ``{name: {metric: (num_images,) tensor}}`` (NaN where undefined)."""
     from simclr import SimCLR
 
-    model = SimCLR.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    model = load_lightning(checkpoint, SimCLR, "cpu").model  # read as data, like the command line
     held_out = TexturedObjects(seed=seed).held_out(num_images)
     images, masks = held_out.probe(num_images)
     with torch.no_grad():

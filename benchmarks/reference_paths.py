@@ -1,11 +1,19 @@
 """The slow per-image paths the fast batched maps are compared with, written as the original codes do them.
 
+The one reference implementation of the methods: the benchmarks time it and the tests (``tests/core``,
+``tests/hardening``; ``tests/conftest.py`` puts this folder on the path) compare the library with it. It shares
+nothing with ``tsm_lightning``: loops over images, numpy, tensorly.
+
 * :func:`paper_tsm_mtsm`: the paper's path. For each image, a numpy array and a full-rank
   ``tensorly.decomposition.tucker(act, rank=act.shape)`` with the numpy backend (scoped), then
   ``TSM = |sum_c F[c] * A1[c, 0]|`` and ``MTSM = sum_k ||core[k]||_F |sum_c F[c] * A1[c, k]| / sum_k ||core[k]||_F``.
 * :func:`gradcam_eigencam`: pytorch-grad-cam's ``get_2d_projection`` (full-matrices numpy SVD of the centred
   ``(N, C)`` matrix per image) followed by its ReLU and min-max scaling; the sign is not fixed.
 * :func:`numpy_multivec_eigencam`: Multivec-EigenCAM with a numpy SVD per image (accuracy reference only).
+* :func:`signed_eigencam`: grad-cam's projection with the library's documented sign rule, chosen here from the
+  covariance with the channel-sum map; :func:`eigencam_sign_free_error` compares maps with grad-cam's up to sign.
+* :func:`svd_tsm_mtsm`: TSM and MTSM from a numpy SVD of the channel unfolding (no tensorly).
+* :func:`hooi_tsm`: TSM of a truncated Tucker decomposition by a hand-written HOOI (no tensorly).
 
 Variants for the method study (``localization.py``), kept here and out of the library API:
 
@@ -31,11 +39,15 @@ from tensorly.decomposition import tucker
 
 __all__ = [
     "authors_code_tsm",
+    "eigencam_sign_free_error",
     "gradcam_eigencam",
+    "hooi_tsm",
     "minmax",
     "mtsm_abs_after_sum",
     "numpy_multivec_eigencam",
     "paper_tsm_mtsm",
+    "signed_eigencam",
+    "svd_tsm_mtsm",
     "tucker_factors",
 ]
 
@@ -159,4 +171,86 @@ def numpy_multivec_eigencam(acts: np.ndarray) -> np.ndarray:
         _u, s, vt = np.linalg.svd(m, full_matrices=False)
         proj = np.abs(m @ vt.T)
         out.append(minmax((proj * s).sum(axis=1) / s.sum()).reshape(h, w))
+    return np.stack(out)
+
+
+def signed_eigencam(acts: np.ndarray) -> np.ndarray:
+    """EigenCAM with the documented sign rule: the pre-ReLU projection correlates positively with the channel sum.
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+
+    Returns:
+        ``(B, h, w)`` maps, min-max normalised.
+    """
+    out = []
+    for act, proj in zip(acts, get_2d_projection(acts), strict=True):
+        channel_sum = act.sum(axis=0)
+        sign = 1.0 if ((proj - proj.mean()) * (channel_sum - channel_sum.mean())).sum() >= 0 else -1.0
+        out.append(minmax(np.maximum(sign * proj, 0)))
+    return np.stack(out)
+
+
+def eigencam_sign_free_error(maps: np.ndarray, acts: np.ndarray) -> float:
+    """Largest ``|maps - grad-cam's EigenCAM|`` over images, each image compared under its better sign.
+
+    Args:
+        maps: ``(B, h, w)`` min-max normalised EigenCAM maps to check.
+        acts: ``(B, C, h, w)`` the activations they were computed from.
+    """
+    worst = 0.0
+    for got, proj in zip(maps, get_2d_projection(acts), strict=True):
+        err = min(np.abs(got - minmax(np.maximum(sign * proj, 0))).max() for sign in (1.0, -1.0))
+        worst = max(worst, float(err))
+    return worst
+
+
+def svd_tsm_mtsm(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TSM ``|u_1^T X|`` and MTSM ``sum_k s_k |u_k^T X| / sum_k s_k`` from numpy's SVD of the channel unfolding.
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+
+    Returns:
+        ``(tsm, mtsm)``, each ``(B, h, w)`` min-max normalised.
+    """
+    tsm_maps, mtsm_maps = [], []
+    for act in acts:
+        c, h, w = act.shape
+        u, s, _ = np.linalg.svd(act.reshape(c, -1), full_matrices=False)
+        proj = np.abs(u.T @ act.reshape(c, -1))  # (r, N)
+        tsm_maps.append(minmax(proj[0]).reshape(h, w))
+        mtsm_maps.append(minmax((s[:, None] * proj).sum(axis=0) / s.sum()).reshape(h, w))
+    return np.stack(tsm_maps), np.stack(mtsm_maps)
+
+
+def hooi_tsm(acts: np.ndarray, rank: tuple[int, int, int], iterations: int = 200) -> np.ndarray:
+    """TSM of a truncated Tucker decomposition by a hand-written HOOI (HOSVD start, alternating SVDs).
+
+    Args:
+        acts: ``(B, C, h, w)`` activations.
+        rank: Tucker ranks ``(r_c, r_h, r_w)``.
+        iterations: HOOI sweeps.
+
+    Returns:
+        ``(B, h, w)`` raw maps ``|sum_c F[c] U_0[c, 0]|``.
+    """
+
+    def unfold(t: np.ndarray, mode: int) -> np.ndarray:
+        return np.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
+
+    def leading(m: np.ndarray, r: int) -> np.ndarray:
+        return np.linalg.svd(m, full_matrices=False)[0][:, :r]
+
+    out = []
+    for act in acts:
+        factors = [leading(unfold(act, mode), rank[mode]) for mode in range(3)]
+        for _ in range(iterations):
+            for mode in range(3):
+                y = act
+                for other in range(3):
+                    if other != mode:
+                        y = np.moveaxis(np.tensordot(factors[other].T, np.moveaxis(y, other, 0), axes=1), 0, other)
+                factors[mode] = leading(unfold(y, mode), rank[mode])
+        out.append(np.abs(np.einsum("chw,c->hw", act, factors[0][:, 0])))
     return np.stack(out)

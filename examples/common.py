@@ -42,7 +42,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tsm_lightning import SaliencyMonitor
+from tsm_lightning import DisplayOptions, Probe, SaliencyMonitor
 from tsm_lightning.data import BackgroundSwapViews, ImageFolder, SyntheticShapes, TexturedObjects
 
 STAGE_STRIDES = {"imagenet": (4, 8, 16, 32), "cifar": (1, 2, 4, 8)}
@@ -210,7 +210,10 @@ def run(
     images, masks = probe(args)
     layer = args.layer or layer or default_layer(args.stem, args.image_size)
     monitor = SaliencyMonitor(
-        images, masks=masks, layer=layer, every_n_steps=args.every_n_steps, display_images=8, image_size=96
+        Probe(images, masks),
+        layer=layer,
+        every_n_steps=args.every_n_steps,
+        display=DisplayOptions(images=8, tile_size=96),
     )
     logger = TensorBoardLogger(args.output, name=name)
     checkpoint = ModelCheckpoint(dirpath=Path(logger.log_dir) / "checkpoints", save_last=True)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# The reference implementations live next to the tests.
+# Test helpers live next to the tests; the one reference implementation of the methods (reference_paths) and the
+# study's baselines live in benchmarks/, which the benchmarks use too.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 

@@ -104,3 +104,17 @@ class BlocksViT(nn.Module):
         patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         tokens = torch.cat([self.prefix.expand(x.shape[0], -1, -1), patches], dim=1)
         return self.norm(self.blocks(tokens))[:, 0]
+
+
+def import_source(folder, name: str, source: str):
+    """Write ``source`` as ``folder/name.py`` and import it, with ``folder`` on ``sys.path`` only while importing
+    (so that code the tests write, like a user's model module, can be named as ``name:Class``)."""
+    import importlib
+    import sys
+
+    (folder / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))

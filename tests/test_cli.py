@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import shutil
@@ -17,8 +16,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from tests.helpers import import_source
 from tsm_lightning import cli
-from tsm_lightning.core import METHODS
+from tsm_lightning.constants import METHODS
 
 TINYMOD = """
 import torch
@@ -105,12 +105,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lightning.pytorch import Trainer
 
     root = tmp_path_factory.mktemp("cli")
-    (root / "tinymod.py").write_text(TINYMOD)
-    sys.path.insert(0, str(root))
-    try:
-        tinymod = importlib.import_module("tinymod")
-    finally:
-        sys.path.remove(str(root))
+    tinymod = import_source(root, "tinymod", TINYMOD)
     torch.manual_seed(0)
     model = tinymod.Tiny()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, TILE, TILE)), batch_size=4)
@@ -322,8 +317,14 @@ def test_failed_run_leaves_no_unlisted_files(
 
 
 def test_class_from_hyperparameters(env: dict[str, Path], tmp_path: Path, inproc) -> None:
-    code, _, err = inproc("explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
-                            "--image-size", TILE, "--methods", "eigencam")  # fmt: skip
+    """The class a checkpoint names (LightningCLI's _class_path) is imported only with --trust-checkpoint."""
+    args = ["explain", env["ckpt_named"], "--images", env["images"] / "sub", "--out", tmp_path / "o",
+            "--image-size", TILE, "--methods", "eigencam"]  # fmt: skip
+    code, _, err = inproc(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'tinymod.Tiny'" in err and "--model tinymod:Tiny" in err and "--trust-checkpoint" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = inproc(*args, "--trust-checkpoint")
     assert code == 0, err
     assert len(_rows(tmp_path / "o" / "metrics.csv")) == 1
 

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_helpers import TinySimSiam, TinyViTSimSiam, loader, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tsm_lightning import METHODS, SaliencyMonitor
+from tsm_lightning import METHODS, MapOptions, MetricOptions, Probe, SaliencyMonitor
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
@@ -19,16 +19,14 @@ def _logged_tags(tmp_path) -> set[str]:
     tags: set[str] = set()
     for name, model, extra in (
         ("cnn", TinySimSiam(), {"layer": "backbone.5"}),
-        ("vit", TinyViTSimSiam(), {"attention_heads": True}),
+        ("vit", TinyViTSimSiam(), {"maps": MapOptions(attention_heads=True)}),
     ):
         masks = torch.zeros(4, 16, 16, dtype=torch.bool)
         masks[:, 3:9, 4:12] = True
         monitor = SaliencyMonitor(
-            torch.randn(4, 3, 16, 16),
-            masks=masks,
+            Probe(torch.randn(4, 3, 16, 16), masks),
             every_n_steps=2,
-            faithfulness_every_n_runs=1,
-            faithfulness_steps=2,
+            metrics=MetricOptions(faithfulness_every_n_runs=1, faithfulness_steps=2),
             strict=True,
             **extra,
         )

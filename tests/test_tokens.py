@@ -9,8 +9,9 @@ from lightly.models.modules import MaskedVisionTransformerTorchvision
 from torch import nn
 
 from tsm_lightning import TokenGrid, attention_maps, explain, saliency_maps, tokens_to_grid
-from tsm_lightning.capture import capture, find_layer
+from tsm_lightning.capture import capture
 from tsm_lightning.core.attention import class_token_attention
+from tsm_lightning.discovery import find_layer
 from tsm_lightning.pipeline import attention_module, capture_features, explain_batch
 from tsm_lightning.tokens import (
     MAX_PREFIX_TOKENS,
@@ -235,7 +236,7 @@ def test_attention_needs_a_class_token_and_a_readable_module():
         explain(model, images, layer="blocks.1", attention=True)
     from helpers import SiameseNet
 
-    with pytest.raises(ValueError, match="no self-attention module this package can read"):
+    with pytest.raises(ValueError, match="no class-token attention module this package can read"):
         explain(SiameseNet(), torch.randn(1, 3, 16, 16), layer="backbone.5", attention=True)
     assert "attention" not in explain(tiny_vit(), torch.randn(1, 3, 16, 16), attention=False)
     with warnings.catch_warnings():
@@ -254,3 +255,123 @@ def test_a_vit_is_left_exactly_as_it_was():
     assert {n: m.training for n, m in vit.named_modules()} == modes
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules())
     assert all(torch.equal(v, state[k]) for k, v in vit.state_dict().items())
+
+
+# ------------------------------------------------------------------- only class-token attention counts as attention
+def _hf(model_name: str, **extra):
+    import transformers
+
+    config_cls = getattr(transformers, model_name.replace("Model", "Config"))
+    config = config_cls(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        attn_implementation="eager",
+        **extra,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("model_name", "extra", "prefix", "size"),
+    [
+        ("ViTModel", {}, 1, (32, 32)),
+        ("Dinov2Model", {}, 1, (32, 48)),
+        ("Dinov2WithRegistersModel", {"num_register_tokens": 4}, 5, (32, 48)),
+    ],
+)
+def test_hugging_face_class_token_attention_matches_its_eager_output_attentions(model_name, extra, prefix, size):
+    model = _hf(model_name, **extra)
+    images = torch.randn(2, 3, *size)
+    layer = find_layer(model, images, warn=False)
+    name = attention_module(model, layer, True)
+    assert name is not None and name.endswith("1.attention")  # the last block's self-attention module
+    captured = capture_features(model, images, layer, attention=name, attention_required=True)
+    with torch.no_grad():
+        reference = model(images, output_attentions=True).attentions[-1]  # (B, heads, T, T), eager
+    h, w = size[0] // 8, size[1] // 8
+    expected = reference[:, :, 0, prefix:].reshape(2, 2, h, w)
+    torch.testing.assert_close(captured.attention, expected)
+    assert captured.features.shape == (2, 32, h, w)
+    sdpa = _hf(model_name, **extra)
+    sdpa.config._attn_implementation = "sdpa"  # fused kernels return no weights: the recomputation still reads them
+    again = capture_features(sdpa, images, layer, attention=name, attention_required=True)
+    torch.testing.assert_close(again.attention, expected)
+
+
+def _swins():
+    from timm.models.swin_transformer import SwinTransformer
+    from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
+
+    timm_swin = SwinTransformer(
+        img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=0
+    )
+    return [timm_swin.eval(), TorchvisionSwin([4, 4], 16, [1, 1], [1, 2], [7, 7], num_classes=10).eval()]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_window_attention_is_skipped_without_an_error_and_refused_on_request(index):
+    swin = _swins()[index]
+    images = torch.randn(2, 3, 56, 56)
+    assert find_attention(swin) is None  # window attention is no class-token attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        maps = explain(swin, images, methods=["tsm"])
+    assert set(maps) == {"tsm"}
+    with pytest.raises(ValueError, match=r"window attention such as Swin's has no class token\); pass attention=False"):
+        explain(swin, images, methods=["tsm"], attention=True)
+    window = next(n for n, m in swin.named_modules() if type(m).__name__.endswith("WindowAttention"))
+    layer = "norm" if index == 0 else "permute"
+    quiet = capture_features(swin, images, layer, forward_fn=lambda m, x: m(x), attention=window)
+    assert quiet.attention is None  # asked by name but not required: skipped without an error
+    with pytest.raises(
+        ValueError, match=r"is window attention \(Swin\), which has no class token; pass attention=False"
+    ):
+        capture_features(swin, images, layer, forward_fn=lambda m, x: m(x), attention=window, attention_required=True)
+
+
+def test_a_vit_without_class_token_gives_no_attention_and_refuses_it_on_request():
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, class_token=False, global_pool="avg"
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    maps = explain(vit, images, layer="blocks.1", methods=["tsm"])
+    assert set(maps) == {"tsm"}
+    with pytest.raises(ValueError, match=r"no class token.*pass attention=False"):
+        explain(vit, images, layer="blocks.1", methods=["tsm"], attention=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "grid"),
+    [
+        ("vit_small_patch14_reg4_dinov2", 5, 4),  # class token + 4 registers
+        ("deit_tiny_distilled_patch16_224", 2, 4),  # class + distillation token
+        ("eva02_tiny_patch14_224", 1, 4),  # separate q/v biases, rotary embedding on the patch tokens
+    ],
+)
+def test_timm_class_token_attention_matches_the_blocks_own_softmax(name, prefix, grid):
+    import timm
+
+    torch.manual_seed(0)
+    size = 14 * grid if "patch14" in name else 16 * grid
+    kwargs = {"img_size": size} if "eva" not in name else {"img_size": size, "dynamic_img_size": False}
+    model = timm.create_model(name, pretrained=False, depth=2, **kwargs).eval()
+    for module in model.modules():  # q_bias of a fresh EVA is zero: make the biases matter
+        for attr in ("q_bias", "v_bias"):
+            if isinstance(getattr(module, attr, None), nn.Parameter):
+                nn.init.normal_(getattr(module, attr), std=0.5)
+    images = torch.randn(2, 3, size, size)
+    attention = model.blocks[1].attn
+    attention.fused_attn = False  # the eager path, whose softmax output goes through attn_drop
+    seen = []
+    handle = attention.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    captured = capture_features(model, images, "blocks.1", attention="blocks.1.attn", attention_required=True)
+    handle.remove()
+    expected = seen[0][:, :, 0, prefix:].reshape(2, -1, grid, grid)
+    torch.testing.assert_close(captured.attention, expected)

@@ -21,6 +21,11 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "METHODS": "tsm_lightning.constants",
     "SaliencyMonitor": "tsm_lightning.callbacks",
+    "DisplayOptions": "tsm_lightning.options",
+    "MapOptions": "tsm_lightning.options",
+    "MetricOptions": "tsm_lightning.options",
+    "Probe": "tsm_lightning.probe",
+    "Tracker": "tsm_lightning.tracking",
     "capture": "tsm_lightning.capture",
     "find_layer": "tsm_lightning.discovery",
     "eigencam": "tsm_lightning.core",
@@ -37,23 +42,28 @@ _LAZY: dict[str, str] = {
     "tokens_to_grid": "tsm_lightning.tokens",
 }
 
-if TYPE_CHECKING:  # what static tools see; at run time the names come from __getattr__
-    from tsm_lightning.callbacks import SaliencyMonitor
-    from tsm_lightning.capture import capture
-    from tsm_lightning.constants import METHODS
-    from tsm_lightning.core import (
-        eigencam,
-        mtsm,
-        multivec_eigencam,
-        normalize_maps,
-        saliency_maps,
-        tsm,
-        tucker_saliency,
-        upsample_maps,
-    )
-    from tsm_lightning.discovery import find_layer
-    from tsm_lightning.explain import attention_maps, explain
-    from tsm_lightning.tokens import TokenGrid, tokens_to_grid
+if TYPE_CHECKING:  # what static tools see ("import x as x" marks a re-export); at run time __getattr__ loads them
+    from tsm_lightning.callbacks import SaliencyMonitor as SaliencyMonitor
+    from tsm_lightning.capture import capture as capture
+    from tsm_lightning.constants import METHODS as METHODS
+    from tsm_lightning.core import eigencam as eigencam
+    from tsm_lightning.core import mtsm as mtsm
+    from tsm_lightning.core import multivec_eigencam as multivec_eigencam
+    from tsm_lightning.core import normalize_maps as normalize_maps
+    from tsm_lightning.core import saliency_maps as saliency_maps
+    from tsm_lightning.core import tsm as tsm
+    from tsm_lightning.core import tucker_saliency as tucker_saliency
+    from tsm_lightning.core import upsample_maps as upsample_maps
+    from tsm_lightning.discovery import find_layer as find_layer
+    from tsm_lightning.explain import attention_maps as attention_maps
+    from tsm_lightning.explain import explain as explain
+    from tsm_lightning.options import DisplayOptions as DisplayOptions
+    from tsm_lightning.options import MapOptions as MapOptions
+    from tsm_lightning.options import MetricOptions as MetricOptions
+    from tsm_lightning.probe import Probe as Probe
+    from tsm_lightning.tokens import TokenGrid as TokenGrid
+    from tsm_lightning.tokens import tokens_to_grid as tokens_to_grid
+    from tsm_lightning.tracking import Tracker as Tracker
 
 
 def __getattr__(name: str) -> object:
@@ -86,22 +96,4 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-__all__ = [
-    "METHODS",
-    "SaliencyMonitor",
-    "TokenGrid",
-    "__version__",
-    "attention_maps",
-    "capture",
-    "eigencam",
-    "explain",
-    "find_layer",
-    "mtsm",
-    "multivec_eigencam",
-    "normalize_maps",
-    "saliency_maps",
-    "tokens_to_grid",
-    "tsm",
-    "tucker_saliency",
-    "upsample_maps",
-]
+__all__ = ["__version__", *_LAZY]

@@ -4,17 +4,17 @@
 ``torch.no_grad()``, and in ``finally`` removes the hook and restores **each** sub-module's own
 ``training`` flag (a model with a frozen, eval-mode backbone stays that way). A transformer block's ``(B, T, D)``
 tokens are turned into a ``(B, D, h, w)`` map on the way (:mod:`tsm_lightning.tokens`: the grid read from the
-model's patch embedding in the same forward pass), and on request the class token's attention of one attention
-module is read in the same pass. :func:`forward_target` is the package's one forward rule.
+model's patch embedding in the same forward pass), a channels-last ``(B, h, w, C)`` output (a Swin stage) is put
+channels-first as the model tells (:mod:`tsm_lightning.layout`), and on request the class token's attention of one
+attention module is read in the same pass. :func:`forward_target` is the package's one forward rule.
 
-Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`; its
-names are still importable from here.
+Choosing a layer automatically (``find_layer``, ``choose_layer``, ...) lives in :mod:`tsm_lightning.discovery`.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from tsm_lightning.checks import check_feature_map
+from tsm_lightning.layout import Channels, LayoutTracker, to_channels_first
 from tsm_lightning.tokens import (
+    TokenGrid,
     TokenGridSpec,
     TokenLayout,
     attention_rows,
@@ -33,23 +35,20 @@ from tsm_lightning.tokens import (
 )
 
 __all__ = [
+    "FALLBACK_METHODS",
     "Capture",
     "ForwardFn",
+    "call_network",
     "capture",
     "check_feature_map",
     "forward_target",
     "full_tensor",
     "get_layer",
+    "is_copy_network",
+    "monitored_network",
+    "network_calls",
     "preserved_modes",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # Layer discovery moved to tsm_lightning.discovery; its public names stay importable from here.
-    discovery = importlib.import_module("tsm_lightning.discovery")
-    if name in discovery.__all__:
-        return getattr(discovery, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 ForwardFn = Callable[[nn.Module, Tensor], object]
@@ -98,20 +97,110 @@ def _is_lightning_module(model: nn.Module) -> bool:
     )
 
 
+_COPY_WORDS = ("teacher", "momentum", "target", "ema", "shadow")
+"""Name parts of the copies an SSL module trains against (DINO's teacher, MoCo's and BYOL's momentum / target
+networks): never monitored."""
+_HEAD_WORDS = ("head", "projector", "projection", "predictor", "prediction", "prototype", "criterion", "loss")
+_STUDENT_WORDS = ("student", "online")
+_NETWORK_WORDS = ("backbone", "encoder", "vit", "trunk", "net", "model")
+
+
+def _words(name: str) -> list[str]:
+    return [word for word in re.split(r"[^a-z]+", name.lower()) if word]
+
+
+def is_copy_network(name: str) -> bool:
+    """Whether a module name names a teacher, momentum, target or EMA copy (never monitored).
+
+    By its words: one starting with ``teacher``, ``momentum``, ``target``, ``ema`` or ``shadow``
+    (``teacher_backbone``, ``backbone_momentum``, ``target_network``), or MoCo's key encoder (``encoder_k``).
+    """
+    words = _words(name)
+    return any(word.startswith(_COPY_WORDS) for word in words) or (len(words) > 1 and words[-1] in ("k", "key"))
+
+
+def _is_head(name: str) -> bool:
+    return any(word.startswith(_HEAD_WORDS) for word in _words(name))
+
+
+def monitored_network(model: nn.Module) -> str | None:
+    """The top-level child of ``model`` that is the network to monitor, by its name, or ``None``.
+
+    In order: ``backbone``; a child named as a student / online network (``student_backbone``, ``online_network``;
+    DINO, DINOv2, iBOT, BYOL); in a LightningModule, a child named as a network (``encoder``, ``vit``, ``net``,
+    ``model``...). Teacher, momentum, target and EMA copies (``teacher_backbone``, ``backbone_momentum``) and heads,
+    projectors, prototypes and losses are never it.
+    """
+    if isinstance(getattr(model, "backbone", None), nn.Module):
+        return "backbone"
+    names = [name for name, _ in model.named_children() if not is_copy_network(name) and not _is_head(name)]
+    students = [name for name in names if _is_student(name)]
+    networks = [name for name in names if any(word in name.lower() for word in _NETWORK_WORDS)]
+    ranked = [name for name in students if name in networks] + students
+    if ranked:
+        return ranked[0]
+    if networks and _is_lightning_module(model):
+        return networks[0]
+    return None
+
+
+def _is_student(name: str) -> bool:
+    # student_backbone, online_network, MoCo's encoder_q / query_encoder
+    words = _words(name)
+    return any(word.startswith(_STUDENT_WORDS) for word in words) or (
+        len(words) > 1 and (words[-1] in ("q", "query") or words[0] == "query")
+    )
+
+
 def forward_target(model: nn.Module, layer: str) -> nn.Module:
     """The module to call on the images so that ``layer`` runs: the one forward rule of the package.
 
-    For a dotted name in a LightningModule, or under ``model.backbone`` in any model, the top-level child named by
-    its first part (``model.backbone`` for ``"backbone.7"``), so that only the online backbone of an SSL model runs
-    (not MoCo's momentum encoder, not SwAV's prototypes, not a ``forward`` that expects several crops). Otherwise
+    For a dotted name in a LightningModule, or under the monitored network of any model (``model.backbone``, a
+    student / online network: :func:`monitored_network`), the top-level child named by its first part
+    (``model.backbone`` for ``"backbone.7"``), so that only the online backbone of an SSL model runs (not MoCo's
+    momentum encoder, not SwAV's prototypes, not a ``forward`` that expects several crops or is a stub). Otherwise
     ``model`` itself: a name directly under ``model``, or a plain network such as a torchvision ResNet, whose
-    ``layer4`` cannot be called on images.
+    ``layer4`` cannot be called on images. :func:`call_network` calls it.
     """
     head = layer.split(".", 1)[0]
     child = getattr(model, head, None)
     if "." not in layer or not isinstance(child, nn.Module):
         return model
-    return child if head == "backbone" or _is_lightning_module(model) else model
+    if head == "backbone" or _is_lightning_module(model) or head == monitored_network(model):
+        return child
+    return model  # (monitored_network names only backbone or student / online children outside a LightningModule)
+
+
+FALLBACK_METHODS = ("forward_features",)
+"""What :func:`call_network` calls when a network's ``forward`` fails on images alone: timm's ``forward_features``
+(a ViT whose ``forward`` needs the arguments its training step passes, as lightly's AIM)."""
+
+_FALLBACK_ERRORS = (TypeError, NotImplementedError, AttributeError, RuntimeError)
+
+
+def network_calls(module: nn.Module) -> list[str]:
+    """The methods :func:`call_network` may call on images: ``"forward"``, then the :data:`FALLBACK_METHODS` it has."""
+    return ["forward"] + [name for name in FALLBACK_METHODS if callable(getattr(module, name, None))]
+
+
+def call_network(module: nn.Module, images: Tensor) -> object:
+    """``module(images)``, or ``module.forward_features(images)`` when that ``forward`` fails on images alone.
+
+    The fallback is taken for a ``TypeError``, ``NotImplementedError``, ``AttributeError`` or ``RuntimeError`` (out
+    of memory excepted) of ``forward`` and only when the module has ``forward_features``; otherwise, or when the
+    fallback fails too, ``forward``'s error is raised.
+    """
+    try:
+        return module(images)
+    except _FALLBACK_ERRORS as err:
+        if isinstance(err, torch.OutOfMemoryError) or len(network_calls(module)) == 1:
+            raise
+        for name in network_calls(module)[1:]:
+            try:
+                return getattr(module, name)(images)
+            except _FALLBACK_ERRORS:
+                continue
+        raise
 
 
 def full_tensor(output: Tensor) -> Tensor:
@@ -152,6 +241,10 @@ class Capture:
         token_grid: how tokens become a map (:data:`~tsm_lightning.tokens.TokenGridSpec`).
         layout: where the patches were among the tokens (``None`` for a convolutional map or a user callable).
         attention: ``(B, heads, T)`` class-token attention of the attention module asked for, or ``None``.
+        channels: where the channels of a 4-D output were (``"first"`` or ``"last"``, :mod:`tsm_lightning.layout`;
+            ``None`` for tokens).
+        attention_error: why the attention module's input could not be read as class-token attention (window
+            attention, inputs that are not ``(B, T, D)`` tokens), or ``None``.
     """
 
     name: str
@@ -161,7 +254,10 @@ class Capture:
     token_grid: TokenGridSpec = None
     layout: TokenLayout | None = None
     attention: Tensor | None = None
+    channels: Channels | None = None
+    attention_error: str | None = None
     _patch_grid: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    _tracker: LayoutTracker | None = field(default=None, repr=False)
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         self.calls += 1
@@ -173,11 +269,29 @@ class Capture:
         if isinstance(output, Tensor) and output.ndim == 3 and output.is_floating_point():
             patch_grid = self._patch_grid[0] if self._patch_grid else None
             output, self.layout = to_feature_map(output.detach(), self.token_grid, patch_grid, self.name)
+        elif isinstance(output, Tensor) and output.ndim == 4 and output.is_floating_point():
+            self.channels = self._channels(module, tuple(output.shape))
+            output = to_channels_first(output, self.channels)
         self.output = check_feature_map(output, self.name).detach()
 
+    def _channels(self, module: nn.Module, shape: tuple[int, ...]) -> Channels:
+        if isinstance(self.token_grid, TokenGrid) and self.token_grid.channels is not None:
+            return self.token_grid.channels
+        channels = self._tracker.layout_of(module) if self._tracker is not None else "first"
+        if channels is None:
+            raise ValueError(
+                f"Layer {self.name!r} outputs {shape} and the model does not tell whether its channels come first "
+                "(B, C, h, w) or last (B, h, w, C); pass token_grid=TokenGrid(channels='first') or "
+                "TokenGrid(channels='last') (tsm-lightning: --channels first|last)."
+            )
+        return channels
+
     def _attention_hook(self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        if self.attention is None:
-            self.attention = attention_rows(module, args, kwargs).detach()
+        if self.attention is None and self.attention_error is None:
+            try:
+                self.attention = attention_rows(module, args, kwargs).detach()
+            except ValueError as err:  # not class-token attention: the caller decides whether that is an error
+                self.attention_error = str(err)
 
     @property
     def value(self) -> object:
@@ -243,8 +357,12 @@ def capture(
     """
     module = get_layer(model, layer)
     holder = Capture(layer, feature_map=feature_map, token_grid=token_grid)
-    handles = [module.register_forward_hook(holder._hook)]
+    handles = []
     try:
+        if feature_map:  # the layout hooks run before the capture's own hook on the same module
+            holder._tracker = LayoutTracker(model)
+            handles.extend(holder._tracker.attach())
+        handles.append(module.register_forward_hook(holder._hook))
         if feature_map:
             handles.extend(watch_patch_grid(model, holder._patch_grid))
         if attention is not None:

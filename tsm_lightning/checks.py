@@ -180,10 +180,16 @@ def check_embeddings(embeddings: object, *, minimum: int = 2) -> Tensor:
     return embeddings
 
 
-def check_num_components(value: int | None) -> int | None:
-    """Return ``value`` if it is ``None`` or at least 1 (the number of components of the multivector methods)."""
-    if value is not None and value < 1:
-        raise ValueError(f"num_components must be a positive integer or None, got {value}.")
+def check_num_components(value: object) -> int | None:
+    """Return ``value`` if it is ``None`` or an ``int >= 1`` (the components the multivector methods sum), else raise.
+
+    A ``bool`` is not a count and a float is not a number of components: both raise, as ``0`` does.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"num_components must be a positive integer (the components the multivector maps sum) or None (all of "
+            f"them), got {value!r}."
+        )
     return value
 
 

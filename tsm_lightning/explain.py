@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -10,7 +11,7 @@ from tsm_lightning.capture import ForwardFn
 from tsm_lightning.checks import check_images
 from tsm_lightning.constants import METHODS
 from tsm_lightning.core import normalize_maps, upsample_maps, validate_methods
-from tsm_lightning.discovery import find_layer
+from tsm_lightning.discovery import choose_monitored
 from tsm_lightning.pipeline import attention_map, attention_module, capture_features, explain_batch
 from tsm_lightning.tokens import TokenGridSpec, check_token_grid
 
@@ -41,15 +42,20 @@ def explain(
         images: ``(B, 3, H, W)`` batch, normalised as the model expects, on the model's device.
         layer: dotted module name (``"layer4"``, ``"backbone.7"``, ``"encoder.layers.encoder_layer_11"``);
             ``None`` picks a ViT's last block, else the deepest spatial layer of a useful size
-            (:func:`~tsm_lightning.discovery.find_layer`), and warns which.
+            (:func:`~tsm_lightning.discovery.choose_monitored`: in the student / online network of an SSL module,
+            called with ``forward_features`` when ``forward`` fails), and warns which.
         methods: names from :data:`~tsm_lightning.METHODS`.
         forward_fn: ``forward_fn(model, images)``; default :func:`~tsm_lightning.capture.forward_target`'s rule:
-            ``model.backbone(images)`` for a layer under ``backbone`` (or any dotted layer of a LightningModule: its
-            top-level child), else ``model(images)``.
+            ``model.backbone(images)`` for a layer under ``backbone`` or a student / online network (or any dotted
+            layer of a LightningModule: its top-level child), else ``model(images)``; ``forward_features`` when
+            that ``forward`` fails on images alone (:func:`~tsm_lightning.capture.call_network`). With
+            ``layer=None``, the call the automatic choice found to run.
         num_components: components summed by the multivector methods (``None``: all).
         weighting: multivector weighting, ``"singular"``, ``"variance"`` or ``"uniform"``.
         token_grid: how tokens become a map: a :class:`~tsm_lightning.tokens.TokenGrid` or a callable
-            (default: the model's patch grid, the leading class/register tokens dropped).
+            (default: the model's patch grid, the leading class/register tokens dropped);
+            ``TokenGrid(channels="last")`` also states that 4-D outputs are channels-last (default: as the model
+            tells, :mod:`tsm_lightning.layout`).
         attention: also return ``"attention"``, the last block's class-token attention averaged over heads:
             ``None`` (default) when ``layer`` is a transformer block with a class token, ``True`` always (or an
             error), ``False`` never. :func:`attention_maps` gives it per head.
@@ -72,7 +78,7 @@ def explain(
     methods = validate_methods(methods)
     check_token_grid(token_grid)
     if layer is None:
-        layer = find_layer(model, images, forward_fn, token_grid=token_grid)
+        layer, forward_fn = _choose(model, images, forward_fn, token_grid, warn=True)
     result = explain_batch(
         model,
         images,
@@ -85,6 +91,19 @@ def explain(
         attention=attention,
     )
     return result.upsampled()
+
+
+def _choose(
+    model: nn.Module, images: Tensor, forward_fn: ForwardFn | None, token_grid: TokenGridSpec, *, warn: bool
+) -> tuple[str, ForwardFn]:
+    # The automatic layer and the call that runs it (a student network, forward_features...), with a warning.
+    try:
+        chosen = choose_monitored(model, images, forward_fn, token_grid=token_grid)
+    except ValueError as err:
+        raise ValueError(f"{type(model).__name__}, inputs of shape {tuple(images.shape)}: {err}") from None
+    if warn:
+        warnings.warn(f"No layer given: using {chosen.text}. Pass layer= to choose another.", UserWarning, stacklevel=3)
+    return chosen.layer, chosen.forward_fn
 
 
 def attention_maps(
@@ -119,7 +138,7 @@ def attention_maps(
     check_images(images, channels=None)
     check_token_grid(token_grid)
     if layer is None:
-        layer = find_layer(model, images, forward_fn, token_grid=token_grid, warn=False)
+        layer, forward_fn = _choose(model, images, forward_fn, token_grid, warn=False)
     name = attention_module(model, layer, True)
     captured = capture_features(
         model, images, layer, forward_fn=forward_fn, token_grid=token_grid, attention=name, attention_required=True

@@ -149,10 +149,10 @@ def localization_references(masks: Tensor, seed: int) -> dict[str, float]:
     """Localization of a fixed random map, and chance (a uniformly random pixel / a uniform map): the mask area."""
     random = summarize({"random": localization_metrics(random_maps(masks.float(), seed=seed), masks)})
     out = {f"saliency/random/{metric}": value for metric, value in random["random"].items()}
-    area = masks.flatten(1).float().mean(dim=1)
-    area = float(area[area > 0].mean()) if bool((area > 0).any()) else math.nan
-    out["saliency/chance/pointing_game"] = area
-    out["saliency/chance/energy_in_mask"] = area
+    areas = masks.flatten(1).float().mean(dim=1)
+    chance = float(areas[areas > 0].mean()) if bool((areas > 0).any()) else math.nan
+    out["saliency/chance/pointing_game"] = chance
+    out["saliency/chance/energy_in_mask"] = chance
     return out
 
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tsm_lightning.capture import ForwardFn, capture, forward_target, full_tensor
+from tsm_lightning.capture import ForwardFn, call_network, capture, forward_target, full_tensor
 from tsm_lightning.checks import check_feature_map, check_images, check_num_components
 from tsm_lightning.constants import ATTENTION, METHODS
 from tsm_lightning.core import (
@@ -55,8 +55,11 @@ __all__ = [
 
 
 def forward_rule(layer: str) -> ForwardFn:
-    """The default ``forward_fn(model, images)``: call :func:`~tsm_lightning.capture.forward_target` on the images."""
-    return lambda model, images: forward_target(model, layer)(images)
+    """The default ``forward_fn(model, images)``: call :func:`~tsm_lightning.capture.forward_target` on the images.
+
+    With :func:`~tsm_lightning.capture.call_network`: its ``forward``, or ``forward_features`` when that fails.
+    """
+    return lambda model, images: call_network(forward_target(model, layer), images)
 
 
 class Captured(NamedTuple):
@@ -101,8 +104,9 @@ def attention_module(model: nn.Module, layer: str, attention: bool | None = None
     if name is None:
         if attention:
             raise ValueError(
-                f"attention=True, but {type(root).__name__} has no self-attention module this package can read "
-                "(torch.nn.MultiheadAttention, or a timm-style module with a qkv nn.Linear and num_heads)."
+                f"attention=True, but {type(root).__name__} has no class-token attention module this package can "
+                "read (torch.nn.MultiheadAttention, a timm-style qkv module, Hugging Face q_proj/k_proj; window "
+                "attention such as Swin's has no class token); pass attention=False."
             )
         return None
     return prefix + name
@@ -152,7 +156,13 @@ def capture_features(
         raise FloatingPointError(f"the features of layer {layer!r} contain NaN or Inf")
     if isinstance(output, Tensor):
         output = full_tensor(output.detach())
-    if attention is not None and cap.attention is None:
+    if attention is not None and cap.attention is None and cap.attention_error is not None:
+        if attention_required:  # not class-token attention; skipped without a word when not asked for
+            raise ValueError(
+                f"attention=True, but the attention module {attention!r} gives no class-token attention: "
+                f"{cap.attention_error.rstrip('.')}; pass attention=False."
+            )
+    elif attention is not None and cap.attention is None:
         message = f"the attention module {attention!r} did not run in the forward pass that computes {layer!r}"
         if attention_required:
             raise ValueError(message + ".")
@@ -169,7 +179,10 @@ def _attention_on_grid(rows: Tensor | None, layout: object, layer: str, required
         return patch_attention(full_tensor(rows).float(), layout)  # type: ignore[arg-type]
     except ValueError as err:
         if required:
-            raise ValueError(f"cannot place the class-token attention on the grid of {layer!r}: {err}") from None
+            raise ValueError(
+                f"cannot place the class-token attention on the grid of {layer!r}: {str(err).rstrip('.')}; pass "
+                "attention=False."
+            ) from None
         return None
 
 

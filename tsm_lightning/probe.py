@@ -202,10 +202,11 @@ def check_probe_source(source: object, *, allow_none: bool = True) -> None:
         source: candidate probe.
         allow_none: accept ``None`` (the monitor then draws the probe from the trainer's data).
     """
-    if (source is None and allow_none) or isinstance(source, (Tensor, str, Path, Dataset, DataLoader)):
+    if (source is None and allow_none) or isinstance(source, (Probe, Tensor, str, Path, Dataset, DataLoader)):
         return
     raise TypeError(
-        "probe must be a (B, 3, H, W) tensor, a Dataset, a DataLoader, a path to an image folder or None, "
+        "probe must be a (B, 3, H, W) tensor, a Probe(images, masks), a Dataset, a DataLoader, a path to an image "
+        "folder or None, "
         f"got {type(source).__name__}."
     )
 
@@ -219,19 +220,20 @@ def build_probe(
     image_size: int | None = None,
     seed: int = 0,
 ) -> Probe:
-    """Build the fixed probe batch from a tensor, a ``Dataset``, a ``DataLoader`` or an image folder path.
+    """Build the fixed probe batch from a tensor, a :class:`Probe`, a ``Dataset``, a ``DataLoader`` or a folder path.
 
     Datasets and dataloaders are read in dataset order with ``num_workers=0``, under ``seed`` with all global RNG
     states restored afterwards. Multi-view samples keep their first view. Masks found in the data are kept only if
     they describe the drawn images (see the module docstring).
 
     Args:
-        source: ``(B, 3, H, W)`` tensor, ``Dataset``, ``DataLoader`` or path to a folder of images.
+        source: ``(B, 3, H, W)`` tensor, :class:`Probe` (images with their masks), ``Dataset``, ``DataLoader`` or
+            path to a folder of images.
         num_images: probe size. ``None``: a tensor is used whole; from data, the first
             :data:`DEFAULT_NUM_IMAGES` samples (all of them if there are fewer). An explicit number must not exceed
             what the source holds.
         probe_fn: extracts ``images`` or ``(images, masks)`` from one collated batch, for unusual structures.
-        masks: optional ``(B, H, W)`` masks for a tensor source (ignored otherwise).
+        masks: optional ``(B, H, W)`` masks for a tensor source (ignored otherwise; a :class:`Probe` brings its own).
         image_size: resize for image folders (shorter side, then centre crop); default 224.
         seed: seed for the augmentations a dataset may apply while the probe is drawn.
 
@@ -246,7 +248,9 @@ def build_probe(
     if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
         raise ValueError(f"num_images must be a positive integer or None, got {num_images!r}.")
     check_probe_source(source, allow_none=False)
-    if isinstance(source, Tensor):
+    if isinstance(source, Probe):
+        images, found_masks = source.images, source.masks
+    elif isinstance(source, Tensor):
         images, found_masks = source, masks
     elif isinstance(source, (str, Path)):
         from tsm_lightning.data import ImageFolder

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, METHOD_LABELS
+from tsm_lightning.constants import ATTENTION, ATTENTION_LABEL, IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.core.methods import METHOD_TABLE
+
+if TYPE_CHECKING:
+    from PIL.ImageFont import FreeTypeFont, ImageFont
 
 __all__ = [
     "COLORMAPS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "METHOD_LABELS",
     "apply_colormap",
     "comparison_grid",
     "denormalize",
@@ -170,21 +172,23 @@ _LABEL_BAND = 15  # pixels of the header row: the font's ascent and descent plus
 
 
 def label(name: str) -> str:
-    """Display name of a method (:data:`METHOD_LABELS`), or ``name`` itself for anything else."""
-    return METHOD_LABELS.get(name, name)
+    """Display name: a method's label from its table entry, the attention map's, or ``name`` itself otherwise."""
+    if name in METHOD_TABLE:
+        return METHOD_TABLE[name].label
+    return ATTENTION_LABEL if name == ATTENTION else name
 
 
-def _font() -> object:
+def _font() -> FreeTypeFont | ImageFont:
     from PIL import ImageFont
 
     return ImageFont.load_default(size=_FONT_SIZE)
 
 
-def _fit(text: str, width: int, font: object) -> str:
+def _fit(text: str, width: int, font: FreeTypeFont | ImageFont) -> str:
     """``text`` shortened with a trailing ellipsis until it is at most ``width`` pixels wide."""
-    if font.getlength(text) <= width:  # type: ignore[attr-defined]
+    if font.getlength(text) <= width:
         return text
-    while text and font.getlength(text + "…") > width:  # type: ignore[attr-defined]
+    while text and font.getlength(text + "…") > width:
         text = text[:-1]
     return text + "…" if text else ""
 
@@ -220,13 +224,13 @@ def labelled_grid(
     top = _LABEL_BAND if column_labels is not None else 0
     left = 0
     if row_labels is not None:
-        left = int(max(font.getlength(text) for text in row_labels)) + 2 * padding + 2  # type: ignore[attr-defined]
+        left = int(max(font.getlength(text) for text in row_labels)) + 2 * padding + 2
     canvas = Image.new("RGB", (picture.shape[2] + left, picture.shape[1] + top), (255, 255, 255))
     canvas.paste(Image.fromarray(picture.permute(1, 2, 0).cpu().numpy()), (left, top))
     draw = ImageDraw.Draw(canvas)
     for j, text in enumerate(column_labels or ()):
         text = _fit(text, w, font)
-        x = left + padding + j * (w + padding) + (w - font.getlength(text)) / 2  # type: ignore[attr-defined]
+        x = left + padding + j * (w + padding) + (w - font.getlength(text)) / 2
         draw.text((x, 1), text, fill=(0, 0, 0), font=font)
     for i, text in enumerate(row_labels or ()):
         y = top + padding + i * (h + padding) + h / 2

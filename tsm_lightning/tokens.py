@@ -19,23 +19,29 @@ against the grid when both are known). A token count that fits no grid is an err
 
 **Layer discovery** takes, for a ViT, the last transformer block (:func:`repeated_blocks`), never the patch
 embedding; **the class-token attention** is read from the last attention module (:func:`find_attention`):
-``torch.nn.MultiheadAttention`` (torchvision) or a timm-style module with a ``qkv`` linear layer and ``num_heads``
-(timm, DINO, DINOv2), using the block's own weights and the input the block gives it. (About 400 lines: the grid
-rule, the block and attention-module search and two attention readers, each documented, belong together.)
+``torch.nn.MultiheadAttention`` (torchvision), a timm-style module with a ``qkv`` linear layer and ``num_heads``
+(timm, DINO, DINOv2), or a Hugging Face module with separate query / key projections (``ViTModel``,
+``Dinov2Model``), using the block's own weights and the input the block gives it. Only class-token attention counts:
+window attention (Swin) is never chosen, and tokens without a class token give no attention map. (About 480 lines:
+the grid rule, the block and attention-module search and three attention readers, each documented, belong
+together.)
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tsm_lightning.core.attention import class_token_attention
+from tsm_lightning.layout import Channels, check_channels
 
 __all__ = [
     "MAX_PREFIX_TOKENS",
@@ -63,13 +69,19 @@ registers (DINOv2 uses four). A larger prefix needs ``TokenGrid(prefix_tokens=..
 class TokenGrid:
     """How a ``(B, T, D)`` token sequence becomes a ``(B, D, h, w)`` feature map (see the module's grid rule).
 
+    It also says where the channels of a layer's 4-D output are (:mod:`tsm_lightning.layout`), so that the one
+    ``token_grid=`` argument describes every layout a layer can have.
+
     Attributes:
         grid: ``(h, w)`` patch grid; ``None``: the model's patch grid, else a square.
         prefix_tokens: number of leading tokens to drop (class + registers); ``None``: ``T - h * w``.
+        channels: for 4-D outputs, ``"first"`` (read as ``(B, C, h, w)``) or ``"last"`` (``(B, h, w, C)``, as Swin
+            stages), applied to every 4-D output; ``None``: as the model tells (:mod:`tsm_lightning.layout`).
     """
 
     grid: tuple[int, int] | None = None
     prefix_tokens: int | None = None
+    channels: Channels | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None and (
@@ -81,6 +93,10 @@ class TokenGrid:
         prefix = self.prefix_tokens
         if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
             raise ValueError(f"TokenGrid.prefix_tokens must be an integer >= 0 or None, got {prefix!r}.")
+        try:
+            check_channels(self.channels)
+        except ValueError as err:
+            raise ValueError(f"TokenGrid.{err}") from None
 
     def layout(self, num_tokens: int, patch_grid: tuple[int, int] | None = None) -> TokenLayout:
         """Where the patches are among ``num_tokens`` tokens by this rule (:func:`resolve_grid`).
@@ -111,10 +127,10 @@ class TokenLayout(NamedTuple):
 def check_token_grid(token_grid: object) -> TokenGridSpec:
     """Return ``token_grid`` if it is a :class:`TokenGrid`, a callable or ``None``, else raise a ``ValueError``."""
     if token_grid is None or isinstance(token_grid, TokenGrid) or callable(token_grid):
-        return token_grid  # type: ignore[return-value]
+        return token_grid
     raise ValueError(
-        "token_grid must be a TokenGrid(grid=(h, w), prefix_tokens=P), a callable (B, T, D) -> (B, D, h, w), or "
-        f"None, got {type(token_grid).__name__}."
+        "token_grid must be a TokenGrid(grid=(h, w), prefix_tokens=P, channels='first'|'last'), a callable "
+        f"(B, T, D) -> (B, D, h, w), or None, got {type(token_grid).__name__}."
     )
 
 
@@ -310,15 +326,55 @@ def _is_qkv_attention(module: nn.Module) -> bool:
     )
 
 
+_PROJECTION_NAMES = (("q_proj", "k_proj"), ("query", "key"))
+"""Names of the separate query / key projections of Hugging Face attention modules (``q_proj`` / ``k_proj`` since
+transformers 5, ``query`` / ``key`` before)."""
+
+
+def _separate_projections(module: nn.Module) -> tuple[nn.Linear, nn.Linear, int] | None:
+    """``(query, key, heads)`` of a module with separate query / key ``nn.Linear`` projections, else ``None``."""
+    for q_name, k_name in _PROJECTION_NAMES:
+        query, key = getattr(module, q_name, None), getattr(module, k_name, None)
+        if isinstance(query, nn.Linear) and isinstance(key, nn.Linear):
+            break
+    else:
+        return None
+    heads = getattr(module, "num_attention_heads", getattr(module, "num_heads", None))
+    if (
+        not isinstance(heads, int)
+        or heads < 1
+        or query.out_features != key.out_features
+        or query.in_features != key.in_features
+        or query.out_features % heads != 0
+    ):
+        return None
+    return query, key, heads
+
+
+def _is_window_attention(module: nn.Module) -> bool:
+    # Swin's window attention (timm's WindowAttention, torchvision's ShiftedWindowAttention) attends within windows
+    # of patches: no token attends to the whole image, so there is no class-token attention to read.
+    return getattr(module, "window_size", None) is not None
+
+
 def _is_supported_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or _is_qkv_attention(module)
+    if _is_window_attention(module):
+        return False
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or _is_qkv_attention(module)
+        or _separate_projections(module) is not None
+    )
 
 
 def find_attention(model: nn.Module) -> str | None:
     """Name of the last self-attention module of ``model`` this package can read, or ``None``.
 
-    Supported: ``torch.nn.MultiheadAttention`` (torchvision's ViT, ``nn.TransformerEncoderLayer``) and timm-style
-    modules with a ``qkv`` ``nn.Linear`` of ``3 * D`` outputs and an integer ``num_heads`` (timm, DINO, DINOv2).
+    Supported: ``torch.nn.MultiheadAttention`` (torchvision's ViT, ``nn.TransformerEncoderLayer``); timm-style
+    modules with a ``qkv`` linear layer of ``3 * D`` outputs and an integer ``num_heads`` (timm, DINO, DINOv2); and
+    modules with separate ``q_proj`` / ``k_proj`` (or ``query`` / ``key``) linear layers and ``num_attention_heads``
+    or ``num_heads`` (Hugging Face's ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``). Window attention
+    (Swin: a module with a ``window_size``) is skipped: it has no class-token attention.
     """
     found = None
     for name, module in model.named_modules():
@@ -339,13 +395,19 @@ def attention_rows(module: nn.Module, args: tuple[object, ...], kwargs: dict[str
     Raises:
         ValueError: for an attention module this package cannot read.
     """
+    if _is_window_attention(module):
+        raise ValueError(f"{type(module).__name__} is window attention (Swin), which has no class token.")
     if isinstance(module, nn.MultiheadAttention):
         return _mha_rows(module, args, kwargs)
     if _is_qkv_attention(module):
         return _qkv_rows(module, args, kwargs)
+    projections = _separate_projections(module)
+    if projections is not None:
+        return _projection_rows(module, *projections, args, kwargs)
     raise ValueError(
-        f"cannot read the attention of {type(module).__name__}: supported are torch.nn.MultiheadAttention and "
-        "timm-style modules with a qkv nn.Linear and num_heads."
+        f"cannot read the attention of {type(module).__name__}: supported are torch.nn.MultiheadAttention, "
+        "timm-style modules with a qkv nn.Linear and num_heads, and modules with q_proj/k_proj (or query/key) "
+        "nn.Linear projections and num_attention_heads (Hugging Face)."
     )
 
 
@@ -379,14 +441,57 @@ def _qkv_rows(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, obj
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"{type(module).__name__} was not called with a (B, T, D) token tensor.")
     heads: int = module.num_heads  # type: ignore[assignment]
-    q, k, _ = (_split_heads(part, heads) for part in module.qkv(x).chunk(3, dim=-1))
+    qkv_layer: nn.Module = module.qkv  # type: ignore[assignment]
+    qkv = qkv_layer(x)
+    q_bias, k_bias, v_bias = (getattr(module, name, None) for name in ("q_bias", "k_bias", "v_bias"))
+    if isinstance(q_bias, Tensor) and isinstance(k_bias, Tensor) and isinstance(v_bias, Tensor):
+        qkv = qkv + torch.cat((q_bias, k_bias, v_bias))  # EVA: biases kept apart from a bias-free qkv layer
+    q, k, _ = (_split_heads(part, heads) for part in qkv.chunk(3, dim=-1))
+    return _rows(module, q, k, kwargs, getattr(module, "scale", None))
+
+
+def _projection_rows(
+    module: nn.Module,
+    query: nn.Linear,
+    key: nn.Linear,
+    heads: int,
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+) -> Tensor:
+    # Hugging Face (and timm's EVA without a fused qkv): the module's own separate projections and its `scaling`
+    # (or `scale`) factor, as its eager attention computes it.
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        raise ValueError(f"{type(module).__name__} was not called with (B, T, D) hidden states.")
+    q, k = _split_heads(query(x), heads), _split_heads(key(x), heads)
+    return _rows(module, q, k, kwargs, getattr(module, "scaling", getattr(module, "scale", None)))
+
+
+def _rows(module: nn.Module, q: Tensor, k: Tensor, kwargs: dict[str, object], scale: object) -> Tensor:
+    """``softmax(q_cls . k^T * scale)`` after the module's query / key norms and its rotary embedding, if any."""
     q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
     if isinstance(q_norm, nn.Module):
         q = q_norm(q)
     if isinstance(k_norm, nn.Module):
         k = k_norm(k)
-    scale = getattr(module, "scale", None)
+    rope = kwargs.get("rope")
+    if isinstance(rope, Tensor):  # timm's EVA: the patch tokens' queries and keys are rotated, the prefix kept
+        q, k = _rotated(module, q, rope), _rotated(module, k, rope)
     return class_token_attention(q, k, scale=scale if isinstance(scale, (int, float)) else None)
+
+
+def _rotated(module: nn.Module, x: Tensor, rope: Tensor) -> Tensor:
+    # The rotation of the module's own library (timm's apply_rot_embed_cat, found where the module is defined), so
+    # that this package imports no timm and follows its version.
+    rotate = getattr(sys.modules.get(type(module).__module__), "apply_rot_embed_cat", None)
+    prefix = getattr(module, "num_prefix_tokens", None)
+    if not callable(rotate) or not isinstance(prefix, int):
+        raise ValueError(
+            f"{type(module).__name__} applies a rotary position embedding this package cannot reproduce (no "
+            "apply_rot_embed_cat beside it, or no num_prefix_tokens)."
+        )
+    half = bool(getattr(module, "rotate_half", False))
+    return torch.cat([x[:, :, :prefix], rotate(x[:, :, prefix:], rope, half=half)], dim=2)
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:

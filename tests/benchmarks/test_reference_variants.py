@@ -1,14 +1,8 @@
 """The study's reference variants and baselines against direct per-image computations."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-
 from baselines import centre_prior, colour_contrast
 from reference_paths import authors_code_tsm, gradcam_eigencam, minmax, mtsm_abs_after_sum
 

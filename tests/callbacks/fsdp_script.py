@@ -14,6 +14,7 @@ Usage: ``fsdp_script.py OUT [--monitor none|strict|lenient] [--fail-on-rank R [-
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from datetime import timedelta
@@ -100,14 +101,14 @@ class FailOnRank:
                 handle.remove()
 
 
-class FailingLog:
-    """Replaces the monitor's ``_log`` (called on rank zero only): logging fails on that rank, after the forward."""
+class FailingSink:
+    """A sink (written on rank zero only, by the monitor's background writer) that fails on that rank."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def __call__(self, trainer, *args: object) -> None:
-        if trainer.global_rank == self.rank:
+    def write(self, pictures: object, scalars: object, step: int) -> None:
+        if int(os.environ.get("RANK", "0")) == self.rank:
             raise OSError(f"injected logging failure on rank {self.rank}")
 
 
@@ -173,10 +174,9 @@ def main() -> None:
             num_images=4,
             forward_fn=forward_fn,
             strict=args.monitor == "strict",
+            sinks=[FailingSink(args.fail_on_rank)] if args.fail_on_rank is not None and args.fail == "log" else None,
         )
         callbacks.append(monitor)
-        if args.fail_on_rank is not None and args.fail == "log":
-            monitor._log = FailingLog(args.fail_on_rank)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -201,7 +201,7 @@ def main() -> None:
     report.update(
         step=trainer.global_step,
         logged_steps=monitor.logged_steps if monitor is not None else None,
-        layer=monitor._resolved_layer if monitor is not None else None,
+        layer=monitor.layer if monitor is not None else None,
         warnings=[str(w.message) for w in caught if "SaliencyMonitor" in str(w.message)],
         collectives_per_batch=counter.per_batch,
     )

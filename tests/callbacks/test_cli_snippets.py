@@ -5,6 +5,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
 from tsm_lightning.callbacks import SaliencyMonitor
+from tsm_lightning.options import DisplayOptions, MapOptions
 
 SNIPPETS = sorted((Path(__file__).parents[2] / "callbacks").glob("*.yaml"))
 
@@ -30,4 +31,8 @@ def test_snippet_instantiates_the_monitor(path, tmp_path):
         assert monitor.layer == "backbone.7" and monitor.every_n_steps == 200 and len(monitor.methods) == 4
     if path.name == "vit_last_block.yaml":
         assert monitor.layer == "backbone.encoder.layers.encoder_layer_11"
-        assert monitor.attention is True and monitor.attention_heads and monitor.num_images == 64
+        assert monitor.tracker.map_options == MapOptions(attention=True, attention_heads=True)
+        assert monitor.num_images == 64
+    if path.name == "tsm_only_every_epoch.yaml":
+        assert monitor.methods == ("tsm", "mtsm") and monitor.every_n_epochs == 1 and monitor.num_images == 16
+        assert monitor.tracker.display == DisplayOptions(images=8, tile_size=128, colormap="inferno", alpha=0.6)

@@ -123,12 +123,16 @@ def test_fsdp2_strict_failure_before_the_forward_on_rank_zero_raises_on_every_ra
 
 
 def test_fsdp2_strict_logging_failure_on_rank_zero_raises_on_every_rank(tmp_path):
-    # The forward succeeded everywhere; rank zero's maps/logging failed after it: the others must raise too.
+    # The forward succeeded everywhere; rank zero's writing of step 0 failed after it (on the background writer),
+    # which the next run reports: the others must raise too, at that step.
     code, output, reports = _run(tmp_path, "--monitor", "strict", "--fail-on-rank", "0", "--fail", "log")
     assert code != 0, output[-3000:]
-    assert reports[0]["step"] == reports[1]["step"] == 0
-    assert reports[0]["error"] == "OSError: injected logging failure on rank 0"
-    assert reports[1]["error"].startswith("RuntimeError: SaliencyMonitor failed at step 0 on rank 0 (rank 0: OSError")
+    assert reports[0]["step"] == reports[1]["step"] == 2
+    expected = "RuntimeError: writing the run of step 0 failed: OSError: injected logging failure on rank 0"
+    assert reports[0]["error"] == expected
+    assert reports[1]["error"].startswith(
+        f"RuntimeError: SaliencyMonitor failed at step 2 on rank 0 (rank 0: {expected}"
+    )
 
 
 def _image_tags(out: Path) -> list[str]:

@@ -12,7 +12,7 @@ from lightning_helpers import TinySimSiam, TwoViewNoise, loader, trainer_kwargs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tsm_lightning import METHODS, SaliencyMonitor
+from tsm_lightning import METHODS, DisplayOptions, MapOptions, MetricOptions, Probe, SaliencyMonitor, Tracker
 
 LAYER = "backbone.5"  # (B, 16, 8, 8) at 16x16 inputs
 
@@ -34,7 +34,7 @@ def _fit(tmp_path, monitor=None, seed=0, **overrides):
 
 def test_logs_images_and_scalars_to_tensorboard(tmp_path):
     probe = torch.randn(4, 3, 16, 16)
-    monitor = SaliencyMonitor(probe, layer=LAYER, every_n_steps=2, num_images=4, image_size=32)
+    monitor = SaliencyMonitor(probe, layer=LAYER, every_n_steps=2, num_images=4, display=DisplayOptions(tile_size=32))
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer, _ = _fit(tmp_path, monitor, logger=logger)
     acc = _events(logger.log_dir)
@@ -61,7 +61,9 @@ def test_logs_images_and_scalars_to_tensorboard(tmp_path):
 
 def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
     _, plain = _fit(tmp_path / "a")
-    monitor = SaliencyMonitor(layer=LAYER, every_n_steps=1, num_images=4, faithfulness_every_n_runs=2)
+    monitor = SaliencyMonitor(
+        layer=LAYER, every_n_steps=1, num_images=4, metrics=MetricOptions(faithfulness_every_n_runs=2)
+    )
     _, watched = _fit(tmp_path / "b", monitor, logger=TensorBoardLogger(tmp_path / "b"))
     assert monitor.logged_steps == [0, 1, 2, 3, 4, 5, 6]
     assert plain.losses == watched.losses
@@ -77,11 +79,10 @@ def test_model_left_untouched_by_a_run(tmp_path):
     modes = {n: m.training for n, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    monitor = SaliencyMonitor(torch.randn(3, 3, 16, 16), layer=LAYER, num_images=3)
+    tracker, probe = Tracker(LAYER), Probe(torch.randn(3, 3, 16, 16))
     rng = torch.random.get_rng_state()
-    monitor.setup(None, model, "fit")
-    monitor._check_probe_device(model)
-    features, maps = monitor.compute(model)
+    tracker.prepare(model, probe)
+    features, maps = tracker.compute(model)
     assert features.shape == (3, 16, 8, 8) and set(maps) == set(METHODS)
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(not m._forward_hooks for m in model.modules())
@@ -160,7 +161,7 @@ def test_resume_keeps_probe_baseline_and_steps(tmp_path):
     assert torch.equal(resumed.probe.images, monitor.probe.images)
     assert resumed.logged_steps == [0, 2, 4, 6, 8]
     for name in METHODS:
-        torch.testing.assert_close(resumed.first_maps[name], monitor.first_maps[name])
+        torch.testing.assert_close(resumed.tracker.first_maps[name], monitor.tracker.first_maps[name])
     steps = [e.step for e in _events(logger2.log_dir).Images("saliency/tsm")]
     assert sorted(set(steps)) == steps == [0, 2, 4, 6, 8]
 
@@ -184,21 +185,37 @@ def test_strict_mode_raises(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    ("make", "error", "match"),
     [
-        ({"every_n_steps": 5, "every_n_epochs": 1}, ValueError, "either every_n_steps"),
-        ({"every_n_steps": 0}, ValueError, "positive integer"),
-        ({"methods": ["tsm", "gradcam"]}, ValueError, "valid methods"),
-        ({"colormap": "rainbow"}, ValueError, "valid colormaps"),
-        ({"alpha": 2.0}, ValueError, "alpha"),
-        ({"num_images": 0}, ValueError, "num_images"),
-        ({"mean": (0.5, 0.5)}, ValueError, "3 values"),
-        ({"probe": [1, 2, 3]}, TypeError, "probe must be"),
+        (lambda: SaliencyMonitor(every_n_steps=5, every_n_epochs=1), ValueError, "either every_n_steps"),
+        (lambda: SaliencyMonitor(every_n_steps=0), ValueError, "positive integer"),
+        (lambda: SaliencyMonitor(every_n_epochs=True), ValueError, "every_n_epochs must be a positive integer"),
+        (lambda: SaliencyMonitor(methods=["tsm", "gradcam"]), ValueError, "valid methods"),
+        (lambda: SaliencyMonitor(num_images=0), ValueError, "num_images"),
+        (lambda: SaliencyMonitor(probe=[1, 2, 3]), TypeError, "probe must be"),
+        (lambda: SaliencyMonitor(log_on_fit=["begin"]), ValueError, "subset of"),
+        (lambda: SaliencyMonitor(log_on_fit="start"), ValueError, "subset of"),
+        (lambda: SaliencyMonitor(display={"images": 3}), TypeError, "DisplayOptions"),
+        (lambda: SaliencyMonitor(metrics="yes"), TypeError, "MetricOptions"),
+        (lambda: SaliencyMonitor(sinks=[object()]), TypeError, "write"),
+        (lambda: SaliencyMonitor(seed=1.5), ValueError, "seed"),
+        (lambda: DisplayOptions(colormap="rainbow"), ValueError, "valid colormaps"),
+        (lambda: DisplayOptions(alpha=2.0), ValueError, "alpha"),
+        (lambda: DisplayOptions(mean=(0.5, 0.5)), ValueError, "3 values"),
+        (lambda: DisplayOptions(images=0), ValueError, "DisplayOptions.images"),
+        (lambda: DisplayOptions(tile_size=4), ValueError, "tile_size"),
+        (lambda: MapOptions(num_components=0), ValueError, "num_components"),
+        (lambda: MapOptions(num_components=True), ValueError, "num_components"),
+        (lambda: MapOptions(weighting="log"), ValueError, "valid weightings"),
+        (lambda: MapOptions(attention="yes"), ValueError, "attention"),
+        (lambda: MetricOptions(faithfulness_every_n_runs=0), ValueError, "faithfulness_every_n_runs"),
+        (lambda: MetricOptions(faithfulness_steps=1), ValueError, "faithfulness_steps"),
+        (lambda: MetricOptions(enabled=1), ValueError, "enabled"),
     ],
 )
-def test_bad_arguments_fail_at_construction(kwargs, error, match):
+def test_bad_arguments_fail_at_construction(make, error, match):
     with pytest.raises(error, match=match):
-        SaliencyMonitor(**kwargs)
+        make()
 
 
 @pytest.mark.parametrize(
@@ -264,14 +281,12 @@ def test_masks_faithfulness_and_custom_scalars_layout(tmp_path):
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[:, 4:12, 4:12] = True
     monitor = SaliencyMonitor(
-        probe,
-        masks=masks,
+        Probe(probe, masks),
         layer=LAYER,
         every_n_steps=3,
         num_images=2,
         methods=["tsm", "eigencam"],
-        faithfulness_every_n_runs=2,
-        faithfulness_steps=4,
+        metrics=MetricOptions(faithfulness_every_n_runs=2, faithfulness_steps=4),
     )
     logger = TensorBoardLogger(tmp_path, name="tb")
     _fit(tmp_path, monitor, logger=logger)

@@ -17,8 +17,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
-from tsm_lightning import METHODS, SaliencyMonitor
-from tsm_lightning.data import SyntheticShapes
+from tsm_lightning import METHODS, DisplayOptions, MetricOptions, Probe, SaliencyMonitor, Tracker
+from tsm_lightning.data import ImageFolder, SyntheticShapes
 
 LAYER = "backbone.5"  # (B, 16, 8, 8) at 16x16 inputs
 
@@ -52,10 +52,14 @@ def test_large_probe_is_analysed_whole_and_displayed_in_part(tmp_path):
     masks = torch.zeros(12, 16, 16, dtype=torch.bool)
     masks[:, 2:9, 3:10] = True
     monitor = SaliencyMonitor(
-        torch.randn(12, 3, 16, 16), masks=masks, layer=LAYER, every_n_steps=3, display_images=3, strict=True
+        Probe(torch.randn(12, 3, 16, 16), masks),
+        layer=LAYER,
+        every_n_steps=3,
+        strict=True,
+        display=DisplayOptions(images=3),
     )
     _fit(tmp_path, monitor, logger=False)
-    assert all(m.shape == (12, 8, 8) for m in monitor.previous_maps.values())
+    assert all(m.shape == (12, 8, 8) for m in monitor.tracker.previous_maps.values())
     with Image.open(tmp_path / "saliency" / "saliency_all_step0000000.png") as picture:
         assert picture.size[1] == 3 * 18 + 2 + 15  # three rows of 16-px tiles under the header
 
@@ -66,15 +70,15 @@ def test_reference_series_are_logged_beside_the_curves(tmp_path):
     masks[:3, 2:8, 2:8] = True
     masks[3:, 8:16, 4:12] = True
     logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = SaliencyMonitor(torch.randn(6, 3, 16, 16), masks=masks, layer=LAYER, every_n_steps=3, strict=True)
+    monitor = SaliencyMonitor(Probe(torch.randn(6, 3, 16, 16), masks), layer=LAYER, every_n_steps=3, strict=True)
     _fit(tmp_path, monitor, logger=logger)
     tags = _scalar_tags(logger.log_dir)
     area = float(masks.flatten(1).float().mean(1).mean())
-    assert monitor.references["saliency/chance/pointing_game"] == pytest.approx(area)
+    assert monitor.tracker.references["saliency/chance/pointing_game"] == pytest.approx(area)
     for metric in ("pointing_game", "energy_in_mask", "mask_iou"):
         assert f"saliency/random/{metric}" in tags
     for name in METHODS:
-        value = monitor.references[f"saliency/fresh_init_{name}/stability_first"]
+        value = monitor.tracker.references[f"saliency/fresh_init_{name}/stability_first"]
         assert -1.0 <= value <= 1.0
         assert f"saliency/fresh_init_{name}/stability_first" in tags
     for tag in ("embedding/spread", "embedding/effective_rank", "isotropic/spread", "isotropic/effective_rank"):
@@ -86,7 +90,7 @@ def test_fresh_init_reference_uses_a_copy_with_new_weights(tmp_path):
     monitor = SaliencyMonitor(torch.randn(8, 3, 16, 16), layer=LAYER, every_n_steps=3, strict=True)
     model = TinySimSiam()
     _fit(tmp_path, monitor, model=model, logger=False, max_steps=1)
-    values = [monitor.references[f"saliency/fresh_init_{name}/stability_first"] for name in METHODS]
+    values = [monitor.tracker.references[f"saliency/fresh_init_{name}/stability_first"] for name in METHODS]
     assert max(values) < 0.99
 
 
@@ -132,15 +136,15 @@ def _greedy_embed(pl_module):
 def test_every_rng_stream_is_left_as_it_was(tmp_path, drawer):
     before, after = _RngRecorder(), _RngRecorder()
     model = TinySimSiam()
-    kwargs = {"forward_fn": _greedy_forward} if drawer == "forward_fn" else {"embed_fn": _greedy_embed(model)}
+    forward_fn = _greedy_forward if drawer == "forward_fn" else None
+    embed_fn = _greedy_embed(model) if drawer == "embed_fn" else None
     monitor = SaliencyMonitor(
         torch.randn(4, 3, 16, 16),
         layer=LAYER,
         every_n_steps=1,
-        faithfulness_every_n_runs=1,
-        faithfulness_steps=2,
+        forward_fn=forward_fn,
+        metrics=MetricOptions(faithfulness_every_n_runs=1, faithfulness_steps=2, embed_fn=embed_fn),
         strict=True,
-        **kwargs,
     )
     seed_everything(0, workers=True)
     trainer = Trainer(callbacks=[before, monitor, after], **trainer_kwargs(tmp_path, logger=False, max_steps=3))
@@ -162,12 +166,11 @@ def test_probe_forward_runs_outside_autocast():
         seen.append(torch.is_autocast_enabled("cpu"))
         return module.backbone(images)
 
-    monitor = SaliencyMonitor(torch.randn(4, 3, 16, 16), layer=LAYER, forward_fn=forward, strict=True)
-    monitor.setup(None, model, "fit")
-    monitor._check_probe_device(model)
-    _, plain = monitor.compute(model)
+    tracker = Tracker(LAYER, forward_fn=forward)
+    tracker.prepare(model, Probe(torch.randn(4, 3, 16, 16)))
+    _, plain = tracker.compute(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        features, mixed = monitor.compute(model)
+        features, mixed = tracker.compute(model)
     assert seen == [False, False]
     assert features.dtype == torch.float32
     assert all(torch.equal(plain[name], mixed[name]) for name in plain)
@@ -199,7 +202,7 @@ def test_probe_from_an_image_folder(tmp_path):
     for i in range(3):
         pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"img{i}.png")
-    monitor = SaliencyMonitor(str(folder), image_size=16, layer=LAYER, every_n_steps=3, strict=True)
+    monitor = SaliencyMonitor(ImageFolder(folder, image_size=16), layer=LAYER, every_n_steps=3, strict=True)
     _fit(tmp_path / "run", monitor, logger=False)
     assert monitor.probe.images.shape == (3, 3, 16, 16) and monitor.logged_steps == [0, 3, 6]
 
@@ -249,9 +252,8 @@ def test_fit_start_and_end_runs_can_be_turned_off(tmp_path, start, end, steps):
         torch.randn(2, 3, 16, 16),
         layer=LAYER,
         every_n_steps=3,
-        log_on_fit_start=start,
-        log_on_fit_end=end,
         strict=True,
+        log_on_fit=(("start",) if start else ()) + (("end",) if end else ()),
     )
     _fit(tmp_path, monitor, logger=False, max_steps=5 if not end else 6)
     assert monitor.logged_steps == steps
@@ -268,10 +270,8 @@ def test_embed_fn_is_what_faithfulness_uses(tmp_path):
         torch.randn(2, 3, 16, 16),
         layer=LAYER,
         every_n_steps=3,
-        faithfulness_every_n_runs=1,
-        faithfulness_steps=2,
-        embed_fn=embed,
         strict=True,
+        metrics=MetricOptions(faithfulness_every_n_runs=1, faithfulness_steps=2, embed_fn=embed),
     )
     logger = TensorBoardLogger(tmp_path, name="tb")
     _fit(tmp_path, monitor, logger=logger)
@@ -284,7 +284,7 @@ def test_bf16_true_precision(tmp_path):
     _, model = _fit(tmp_path, monitor, logger=False, precision="bf16-true")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert monitor.logged_steps == [0, 3, 6]
-    assert all(m.dtype == torch.float32 and torch.isfinite(m).all() for m in monitor.previous_maps.values())
+    assert all(m.dtype == torch.float32 and torch.isfinite(m).all() for m in monitor.tracker.previous_maps.values())
 
 
 def test_log_image_loggers_get_images_and_scalars(tmp_path, monkeypatch):

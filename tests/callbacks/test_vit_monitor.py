@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_helpers import TinyViTSimSiam, loader, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tsm_lightning import METHODS, SaliencyMonitor
+from tsm_lightning import METHODS, MapOptions, MetricOptions, Probe, SaliencyMonitor
 
 LAST_BLOCK = "backbone.encoder.layers.encoder_layer_1"
 
@@ -35,16 +35,15 @@ def test_vit_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
     masks[:, 4:12, 4:12] = True
     monitor = SaliencyMonitor(
-        torch.randn(4, 3, 16, 16),
-        masks=masks,
+        Probe(torch.randn(4, 3, 16, 16), masks),
         every_n_steps=2,
-        faithfulness_every_n_runs=2,
-        attention_heads=True,
         strict=True,
+        maps=MapOptions(attention_heads=True),
+        metrics=MetricOptions(faithfulness_every_n_runs=2),
     )
     with pytest.warns(UserWarning, match=r"monitoring 'backbone\.encoder\.layers\.encoder_layer_1' \(the last transfo"):
         _, watched = _fit(tmp_path / "b", monitor, logger=TensorBoardLogger(tmp_path / "b"))
-    assert monitor._resolved_layer == LAST_BLOCK  # never the patch embedding conv_proj
+    assert monitor.layer == LAST_BLOCK  # never the patch embedding conv_proj
     assert monitor.logged_steps == [0, 2, 4, 6]
     assert plain.losses == watched.losses
     for key, value in plain.state_dict().items():
@@ -66,17 +65,17 @@ def test_vit_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
         "random/pointing_game",
     ):
         assert f"saliency/{tag}" in scalars, tag
-    assert set(monitor.first_maps) == {*METHODS, "attention"}
-    assert monitor.first_maps["tsm"].shape == (4, 4, 4)  # the 4x4 token grid
+    assert set(monitor.tracker.first_maps) == {*METHODS, "attention"}
+    assert monitor.tracker.first_maps["tsm"].shape == (4, 4, 4)  # the 4x4 token grid
 
 
 def test_attention_can_be_turned_off_and_is_an_error_without_attention(tmp_path):
     monitor = SaliencyMonitor(
-        torch.randn(2, 3, 16, 16), layer=LAST_BLOCK, attention=False, every_n_steps=3, strict=True
+        torch.randn(2, 3, 16, 16), layer=LAST_BLOCK, every_n_steps=3, strict=True, maps=MapOptions(attention=False)
     )
     _fit(tmp_path, monitor, logger=False, max_steps=3)
-    assert set(monitor.first_maps) == set(METHODS)
+    assert set(monitor.tracker.first_maps) == set(METHODS)
     with pytest.raises(ValueError, match="attention must be None"):
-        SaliencyMonitor(layer=LAST_BLOCK, attention="yes")
+        SaliencyMonitor(layer=LAST_BLOCK, maps=MapOptions(attention="yes"))
     with pytest.raises(ValueError, match="token_grid must be"):
-        SaliencyMonitor(layer=LAST_BLOCK, token_grid=(4, 4))
+        SaliencyMonitor(layer=LAST_BLOCK, maps=MapOptions(token_grid=(4, 4)))

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from tsm_lightning.data import IMAGE_EXTENSIONS, ImageFolder, find_image_files, load_image, load_images
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_STD)[:, None, None]

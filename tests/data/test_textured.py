@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from tsm_lightning.data import (
     HELDOUT_SEED_OFFSET,
     OBJECT_SHAPES,
@@ -15,7 +16,6 @@ from tsm_lightning.data import (
     view_augmentation,
 )
 from tsm_lightning.metrics import pointing_game, random_maps
-from tsm_lightning.render import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_STD)[:, None, None]
@@ -251,21 +251,6 @@ def test_index_errors_and_negative_indices(ds):
         ds.render_views(0, [])
     with pytest.raises(ValueError, match="clutter_seeds"):
         ds.render_views(0, [1.0])
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"num_samples": 0}, "num_samples"),
-        ({"num_samples": 2.0}, "num_samples"),
-        ({"image_size": 31}, ">= 32"),
-        ({"seed": "0"}, "seed"),
-        ({"transform": "not callable"}, "transform"),
-    ],
-)
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TexturedObjects(**kwargs)
 
 
 def test_other_image_sizes():

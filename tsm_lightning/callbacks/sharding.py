@@ -35,6 +35,7 @@ Only FSDP2 is tested (2 CPU processes, gloo); FSDP1 and DeepSpeed need GPUs.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tsm_lightning.capture import full_tensor as full_features
-
-__all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "detect_sharding", "full_features"]
+__all__ = ["SHARDING_KINDS", "Sharding", "agree_on_failure", "describe_failures", "detect_sharding", "skip_or_raise"]
 
 SHARDING_KINDS = ("fsdp2", "fsdp1", "deepspeed", "dtensor")
 """What :func:`detect_sharding` can return, in the order it checks."""
@@ -147,6 +146,36 @@ def agree_on_failure(error: BaseException | None, device: torch.device | str = "
     messages: list[str | None] = [None] * world
     dist.all_gather_object(messages, _describe(error) if error is not None else None)
     return {r: messages[r] or "unknown error" for r in failed}
+
+
+def describe_failures(failures: dict[int, str]) -> str:
+    """``"ranks 0, 1 (rank 0: ...; rank 1: ...)"``: which ranks failed, and why."""
+    ranks = sorted(failures)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} ({_reasons(failures)})"
+
+
+def _reasons(failures: dict[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
+
+
+def skip_or_raise(step: int, failures: dict[int, str], error: Exception | None, *, strict: bool) -> None:
+    """After the ranks agreed that a monitor run failed: raise, or warn that every rank skips the step.
+
+    With ``strict`` this rank's own error is raised if it has one, else a ``RuntimeError`` naming the failed ranks.
+    """
+    if strict:
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            f"SaliencyMonitor failed at step {step} on {describe_failures(failures)}; stopping every rank because "
+            "strict=True."
+        )
+    warnings.warn(
+        f"SaliencyMonitor skipped step {step} on every rank ({_reasons(failures)}). Training continues; pass "
+        "strict=True to stop on such errors.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
@@ -285,7 +314,7 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}" if error is not None else ""
 
 
-def _fsdp2_class() -> type | None:
+def _fsdp2_class() -> Any:
     try:
         from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
     except ImportError:

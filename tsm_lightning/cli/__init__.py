@@ -12,10 +12,15 @@ Subcommands:
 
 Pictures show images under 128 px enlarged by a whole factor (nearest neighbour), so that the labels fit.
 
-Models come either from a Lightning checkpoint (``--model PKG.MODULE:CLASS``, or the class named in the
-checkpoint's hyper-parameters as LightningCLI saves them) or from a torchvision architecture and a plain
-``state_dict`` (``--arch resnet50 --weights FILE``). ``explain`` and ``layers`` also accept ``--arch`` (or
-``--model``) without weights: the network keeps a seeded random initialisation, with a warning, and the outputs say so.
+Models come either from a Lightning checkpoint and the class ``--model PKG.MODULE:CLASS`` (built with the
+checkpoint's hyper-parameters, its state_dict loaded strictly) or from a torchvision architecture and a plain
+``state_dict`` (``--arch resnet50 --weights FILE``, ``.pth`` or ``.safetensors``). ``explain`` and ``layers`` also
+accept ``--arch`` (or ``--model``) without weights: the network keeps a seeded random initialisation, with a warning,
+and the outputs say so.
+
+Files are read as data (:func:`~tsm_lightning.cli.loading.read_checkpoint`: torch's weights-only unpickler, or
+safetensors): a file can neither run code nor name the class that is built. ``--trust-checkpoint`` opts in to a full
+unpickle and to the class a checkpoint names (LightningCLI's ``_class_path``), for files from a trusted source.
 
 The package: :mod:`~tsm_lightning.cli.parser` (arguments; answers a usage error without importing torch),
 :mod:`~tsm_lightning.cli.loading` (models), :mod:`~tsm_lightning.cli.commands` (the subcommands, on

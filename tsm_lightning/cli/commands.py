@@ -268,8 +268,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """``tsm-lightning layers``."""
     import torch
 
-    from tsm_lightning.discovery import choose_layer
-
     device = _check_device(args.device)
     loaded = load_model(args, args.checkpoint, required=False)
     images = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
@@ -277,12 +275,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
         infos = loaded.candidate_layers(images)
     except (TypeError, RuntimeError) as err:
         raise CLIError(f"could not run the model on a {args.image_size} px image ({_one_line(err)})") from err
+    chosen: str | None = None
     try:
-        chosen_info, text = choose_layer(infos)
-        chosen: str | None = chosen_info.name
+        chosen, text = loaded.discover_layer(images)  # the rule explain and SaliencyMonitor use (network, call)
         _progress(f"auto choice: {text}")
     except ValueError as err:
-        chosen = None
         _progress(f"note: {_one_line(err)}")
     seen: dict[tuple[str, Any], Any] = {}
     for info in infos:

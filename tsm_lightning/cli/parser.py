@@ -49,10 +49,27 @@ def _method_list(values: Sequence[str]) -> list[str]:
 
 def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="PKG.MODULE:CLASS", help="LightningModule class of the checkpoint")
+    g.add_argument(
+        "--model",
+        metavar="PKG.MODULE:CLASS",
+        help="LightningModule class of the checkpoint, built with its saved hyper-parameters",
+    )
     g.add_argument("--arch", metavar="NAME", help="torchvision architecture (e.g. resnet50) for a plain state_dict")
     if weights:
-        g.add_argument("--weights", metavar="FILE", help="state_dict file for --arch (or pass it as CHECKPOINT)")
+        g.add_argument(
+            "--weights",
+            metavar="FILE",
+            help="state_dict file for --arch: torch.save (.pth, .pt) or .safetensors (or pass it as CHECKPOINT)",
+        )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help=(
+            "read checkpoints with a full unpickle and let them name their class (hyper-parameter _class_path): "
+            "only for files from a source you trust, since unpickling runs any code a file carries. Without it, "
+            "files are read as data (tensors, containers, plain values) and the class comes from --model"
+        ),
+    )
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--image-size", type=_positive, default=224, metavar="N", help="input side in pixels (default 224)")
     g.add_argument(
@@ -66,6 +83,12 @@ def _add_model_options(p: argparse.ArgumentParser, weights: bool = True) -> None
         type=_non_negative,
         metavar="P",
         help="vision transformers: leading class/register tokens to drop (default: tokens minus grid cells)",
+    )
+    g.add_argument(
+        "--channels",
+        choices=("first", "last"),
+        help="where the channels of 4-D layer outputs are: first (B, C, h, w) or last (B, h, w, C), as Swin "
+        "stages (default: as the model tells)",
     )
 
 
@@ -103,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Label-free saliency maps (EigenCAM, TSM, MTSM) of self-supervised CNN and ViT checkpoints.",
-        epilog=f"example:\n  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/",
+        epilog=(
+            f"example:\n  {PROG} explain last.ckpt --model my_project.models:MoCo --images photos/ --out maps/\n\n"
+            "security: checkpoints and --weights files are read as data (tensors, containers, plain values; also\n"
+            ".safetensors): a file can neither run code nor choose the class that is built (that is --model)\n"
+            "unless --trust-checkpoint is given, for files from a source you trust."
+        ),
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")

@@ -1,8 +1,6 @@
 """Pure-torch saliency maths: batched, exact, no Lightning, no hooks, no I/O."""
 
 from tsm_lightning.core.maps import (
-    METHODS,
-    WEIGHTINGS,
     compute_maps,
     decomposition_request,
     eigencam,
@@ -10,17 +8,17 @@ from tsm_lightning.core.maps import (
     multivec_eigencam,
     saliency_maps,
     tsm,
-    validate_methods,
 )
+from tsm_lightning.core.methods import METHOD_TABLE, Method, validate_methods, validate_weighting
 from tsm_lightning.core.postprocess import normalize_maps, upsample_maps
-from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose, validate_features
+from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose
 from tsm_lightning.core.tucker import TUCKER_METHODS, tucker_saliency
 
 __all__ = [
-    "METHODS",
+    "METHOD_TABLE",
     "TUCKER_METHODS",
-    "WEIGHTINGS",
     "Decomposition",
+    "Method",
     "Spectrum",
     "compute_maps",
     "decompose",
@@ -33,6 +31,6 @@ __all__ = [
     "tsm",
     "tucker_saliency",
     "upsample_maps",
-    "validate_features",
     "validate_methods",
+    "validate_weighting",
 ]

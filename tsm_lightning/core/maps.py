@@ -10,20 +10,17 @@ left singular vector, ``s_k`` the k-th singular value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tsm_lightning.constants import METHODS, WEIGHTINGS
+from tsm_lightning.constants import METHODS
+from tsm_lightning.core.methods import METHOD_TABLE, validate_methods, validate_weighting
 from tsm_lightning.core.postprocess import normalize_maps
 from tsm_lightning.core.spectral import Decomposition, Spectrum, decompose
 
 __all__ = [
-    "METHODS",
-    "WEIGHTINGS",
-    "Method",
-    "Weighting",
     "compute_maps",
     "decomposition_request",
     "eigencam",
@@ -31,73 +28,9 @@ __all__ = [
     "multivec_eigencam",
     "saliency_maps",
     "tsm",
-    "validate_methods",
 ]
 
-Method = Literal["eigencam", "tsm", "multivec_eigencam", "mtsm"]
-Weighting = Literal["singular", "variance", "uniform"]
-
-_CENTRED = frozenset({"eigencam", "multivec_eigencam"})
-_MULTI = frozenset({"multivec_eigencam", "mtsm"})
 _FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def validate_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
-    """Check a method name or a sequence of names against :data:`METHODS`.
-
-    Args:
-        methods: one name or a non-empty sequence of names.
-
-    Returns:
-        The names as a tuple, duplicates removed, order kept.
-
-    Raises:
-        ValueError: for an unknown name or an empty sequence, listing the valid names.
-    """
-    names = (methods,) if isinstance(methods, str) else tuple(methods)
-    if not names:
-        raise ValueError(f"methods must name at least one of {METHODS}.")
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown saliency method(s) {unknown}; valid methods are {METHODS}.")
-    return tuple(dict.fromkeys(names))
-
-
-def _validate_weighting(weighting: str) -> None:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"Unknown weighting {weighting!r}; valid weightings are {WEIGHTINGS}.")
-
-
-def _first_component(spectrum: Spectrum) -> Tensor:
-    """``(B, h, w)`` signed projection on the leading component."""
-    return spectrum.projections[:, 0]
-
-
-def _eigencam_map(decomposition: Decomposition) -> Tensor:
-    """``ReLU(sign * P^c_1)`` with the sign making the map correlate positively with the channel sum."""
-    assert decomposition.centred is not None
-    p1 = _first_component(decomposition.centred)
-    # P^c_1 sums to zero over space, so its dot product with the channel-sum map equals their covariance.
-    dot = (p1 * decomposition.channel_sum).sum(dim=(1, 2))
-    sign = torch.where(dot < 0, -1.0, 1.0).to(p1.dtype)
-    return (p1 * sign[:, None, None]).clamp_min(0)
-
-
-def _multivector_map(spectrum: Spectrum, weighting: str) -> Tensor:
-    """``sum_k w_k |P_k| / sum_k w_k`` over the components held in ``spectrum``."""
-    s = spectrum.singular_values
-    if weighting == "singular":
-        weights = s
-    elif weighting == "variance":
-        weights = s * s
-    else:  # uniform over the numerically non-zero components
-        tol = s[:, :1] * (s.shape[1] * torch.finfo(torch.float32).eps)
-        weights = (s > tol).to(s.dtype)
-    total = weights.sum(dim=1)
-    p = spectrum.projections
-    # One (1 x K) @ (K x N) product per image: no (B, K, N) temporary beyond |P|.
-    summed = torch.bmm(weights.to(p.dtype)[:, None, :], p.abs().flatten(2)).reshape(p.shape[0], *p.shape[2:])
-    return summed / torch.where(total > 0, total, torch.ones_like(total)).to(p.dtype)[:, None, None]
 
 
 def _to_float32(maps: Tensor) -> Tensor:
@@ -110,10 +43,11 @@ def decomposition_request(methods: Sequence[str], num_components: int | None = N
     The uncentred spectrum for TSM/MTSM, the centred one for the EigenCAM variants, and every component only when
     a multivector method is asked for (``num_components`` of them), else the leading one.
     """
+    table = [METHOD_TABLE[name] for name in validate_methods(methods)]
     return {
-        "uncentred": any(name not in _CENTRED for name in methods),
-        "centred": any(name in _CENTRED for name in methods),
-        "num_components": num_components if any(name in _MULTI for name in methods) else 1,
+        "uncentred": any(method.spectrum == "uncentred" for method in table),
+        "centred": any(method.spectrum == "centred" for method in table),
+        "num_components": num_components if any(method.multivector for method in table) else 1,
     }
 
 
@@ -144,20 +78,16 @@ def compute_maps(
         ``{method: (B, h, w) float32}`` raw non-negative maps; zero for invalid (non-finite) images.
     """
     methods = validate_methods(methods)
-    _validate_weighting(weighting)
+    validate_weighting(weighting)
     out: dict[str, Tensor] = {}
     for name in methods:
-        spectrum = decomposition.centred if name in _CENTRED else decomposition.uncentred
+        method = METHOD_TABLE[name]
+        spectrum = decomposition.centred if method.spectrum == "centred" else decomposition.uncentred
         if spectrum is None:
-            view = "centred" if name in _CENTRED else "uncentred"
-            raise ValueError(f"Method {name!r} needs the {view} spectrum, which this decomposition lacks.")
-        if name == "eigencam":
-            raw = _eigencam_map(decomposition)
-        elif name == "tsm":
-            raw = _first_component(spectrum).abs()
-        else:
-            raw = _multivector_map(_leading(spectrum, num_components), weighting)
-        out[name] = _to_float32(raw)
+            raise ValueError(f"Method {name!r} needs the {method.spectrum} spectrum, which this decomposition lacks.")
+        if method.multivector:
+            spectrum = _leading(spectrum, num_components)
+        out[name] = _to_float32(method.fn(spectrum, decomposition.channel_sum, weighting))
     return out
 
 
@@ -186,13 +116,13 @@ def saliency_maps(
 
     Example:
         >>> import torch
-        >>> from tsm_lightning import saliency_maps
+        >>> from tsm_lightning import METHODS, saliency_maps
         >>> maps = saliency_maps(torch.randn(8, 512, 7, 7))
-        >>> list(maps), tuple(maps["tsm"].shape)
-        (['eigencam', 'tsm', 'multivec_eigencam', 'mtsm'], (8, 7, 7))
+        >>> tuple(maps) == METHODS, tuple(maps["tsm"].shape)
+        (True, (8, 7, 7))
     """
     methods = validate_methods(methods)
-    _validate_weighting(weighting)
+    validate_weighting(weighting)
     decomposition = decompose(features, **decomposition_request(methods, num_components))
     maps = compute_maps(decomposition, methods, weighting=weighting)
     if normalize:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,14 +35,14 @@ def normalize_maps(maps: Tensor) -> Tensor:
     return torch.where(flat, torch.zeros_like(out), out).clamp_(0.0, 1.0)
 
 
-def upsample_maps(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
+def upsample_maps(maps: Tensor, size: int | Sequence[int]) -> Tensor:
     """Bilinearly resize maps to an image size (``align_corners=False``, as torchvision and torchcam).
 
     Bilinear interpolation is a convex combination of neighbours, so maps in ``[0, 1]`` stay in ``[0, 1]``.
 
     Args:
         maps: ``(B, h, w)`` floating maps.
-        size: target ``(H, W)`` or a single int for square output.
+        size: target ``(H, W)`` (a tuple, or ``images.shape[-2:]``) or a single int for square output.
 
     Returns:
         ``(B, H, W)`` maps in the input dtype (float32 for half-precision inputs).

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tsm_lightning.checks import check_features as validate_features
-from tsm_lightning.checks import check_num_components
+from tsm_lightning.checks import check_features, check_num_components
 
 __all__ = [
     "EXACT_GRAM_FROM",
@@ -36,7 +35,6 @@ __all__ = [
     "autocast_off",
     "decompose",
     "gram_dtype_for",
-    "validate_features",
 ]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -203,7 +201,7 @@ def decompose(
     Raises:
         ValueError: if ``features`` is not ``(B, C, h, w)`` or ``num_components < 1``.
     """
-    validate_features(features)
+    check_features(features)
     check_num_components(num_components)
     with autocast_off(features.device):
         return _decompose(features, uncentred, centred, num_components)

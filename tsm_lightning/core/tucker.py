@@ -18,13 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tsm_lightning.checks import check_features
+from tsm_lightning.core.methods import METHOD_TABLE
 from tsm_lightning.core.postprocess import normalize_maps
-from tsm_lightning.core.spectral import validate_features
+from tsm_lightning.core.spectral import Spectrum
 
 __all__ = ["TUCKER_METHODS", "tucker_saliency"]
 
-TUCKER_METHODS: tuple[str, ...] = ("tsm", "mtsm")
-"""Methods :func:`tucker_saliency` computes."""
+TUCKER_METHODS: tuple[str, ...] = tuple(name for name, method in METHOD_TABLE.items() if method.spectrum == "uncentred")
+"""Methods :func:`tucker_saliency` computes: those of :data:`~tsm_lightning.core.METHOD_TABLE` that read the
+uncentred spectrum, the Tucker view (TSM and MTSM)."""
 
 
 def _tensorly() -> tuple[Any, Any]:
@@ -80,12 +83,13 @@ def tucker_saliency(
     Returns:
         ``{method: (B, h, w) float32}`` on the features' device.
     """
-    validate_features(features)
+    check_features(features)
     tl, tucker = _tensorly()
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     unknown = [name for name in names if name not in TUCKER_METHODS]
     if unknown or not names:
         raise ValueError(f"tucker_saliency computes {TUCKER_METHODS}; got {names}.")
+    names = tuple(dict.fromkeys(names))
     _bsz, c, h, w = features.shape
     ranks = _resolve_rank(rank, (c, h, w))
     x = features.detach().to(torch.float64)
@@ -93,14 +97,15 @@ def tucker_saliency(
     with tl.backend_context("pytorch"):
         for image in x:  # HOOI is defined per tensor: this loop is the reference path by design.
             core, factors = tucker(image, rank=list(ranks), n_iter_max=n_iter_max, tol=tol, init="svd")
-            proj = torch.einsum("chw,ck->khw", image, factors[0])  # (r_c, h, w)
-            if "tsm" in out:
-                out["tsm"].append(proj[0].abs())
-            if "mtsm" in out:
-                weights = torch.linalg.vector_norm(core.reshape(core.shape[0], -1), dim=1)
-                total = weights.sum()
-                summed = (weights[:, None, None] * proj.abs()).sum(dim=0)
-                out["mtsm"].append(summed / total if total > 0 else summed)
+            # The Tucker view as a spectrum: projections P_k = sum_c F[c] A1[c, k] weighted by the core's mode-0
+            # slice norms ||core[k]||_F (at full rank, the singular values); each method's own map function reads it.
+            spectrum = Spectrum(
+                singular_values=torch.linalg.vector_norm(core.reshape(core.shape[0], -1), dim=1)[None],
+                projections=torch.einsum("chw,ck->khw", image, factors[0])[None],  # (1, r_c, h, w)
+            )
+            channel_sum = image.sum(dim=0)[None]
+            for name in names:
+                out[name].append(METHOD_TABLE[name].fn(spectrum, channel_sum, "singular")[0])
     maps = {name: torch.stack(v).to(torch.float32) for name, v in out.items()}
     if normalize:
         maps = {name: normalize_maps(m) for name, m in maps.items()}

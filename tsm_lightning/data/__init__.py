@@ -9,11 +9,13 @@
 * :class:`ImageFolder` -- a flat or nested folder of real photos, returning ``(image_or_views, index)``.
 * :func:`find_image_files`, :func:`load_images` -- file, folder and glob handling shared with the CLI.
 
-Modules: ``base`` (what the two synthetic datasets share: indexing, the sample, the probe, the held-out set,
-:func:`sample_seed`), ``synthetic``, ``textured`` (with its private batched drawing, ``_texture_drawing``),
-``views`` (:class:`BackgroundSwapViews`, :func:`view_augmentation`) and ``folder``.
+Modules: ``base`` (what the two synthetic datasets share: the constructor and its checks, indexing, the sample, the
+probe, the held-out set, :func:`sample_seed`; the checks serve ``folder`` and ``views`` too), ``synthetic``,
+``textured`` (with its private batched drawing, ``_texture_drawing``), ``views`` (:class:`BackgroundSwapViews`,
+:func:`view_augmentation`) and ``folder``.
 """
 
+from tsm_lightning.data._texture_drawing import OBJECT_SHAPES, TEXTURES
 from tsm_lightning.data.base import HELDOUT_SEED_OFFSET, sample_seed
 from tsm_lightning.data.folder import (
     IMAGE_EXTENSIONS,
@@ -25,7 +27,7 @@ from tsm_lightning.data.folder import (
     resize_center_crop,
 )
 from tsm_lightning.data.synthetic import SHAPES, SyntheticObject, SyntheticShapes
-from tsm_lightning.data.textured import OBJECT_SHAPES, TEXTURES, TexturedObject, TexturedObjects
+from tsm_lightning.data.textured import TexturedObject, TexturedObjects
 from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Batched drawing of textured shapes and colour gratings: the pixels of :class:`~tsm_lightning.data.TexturedObjects`.
 
-What can be drawn (:data:`OBJECT_SHAPES`, :data:`TEXTURES`) and how: :func:`_shape_table` turns uniforms into a
-table of per-shape geometry, :func:`_draw_shapes` renders every shape of a batch with its texture and exact mask,
-:func:`_gratings` renders full-image colour gratings, and :func:`_random_colours` is the one colour distribution
+What can be drawn (:data:`OBJECT_SHAPES`, :data:`TEXTURES`) and how: :func:`shape_table` turns uniforms into a
+table of per-shape geometry, :func:`draw_shapes` renders every shape of a batch with its texture and exact mask,
+:func:`gratings` renders full-image colour gratings, and :func:`random_colours` is the one colour distribution
 all of them draw from. Where the shapes go, how large they are and how an image is composed is the dataset's
 business, in :mod:`tsm_lightning.data.textured`.
 
@@ -20,7 +20,21 @@ import math
 import torch
 from torch import Tensor
 
-from tsm_lightning.data.base import _hsv_to_rgb
+from tsm_lightning.data.base import hsv_to_rgb
+
+# A private module of the data package: these are the names textured.py draws with.
+__all__ = [
+    "OBJECT_SHAPES",
+    "SHAPE_PARAMS",
+    "SHARPNESS",
+    "TEXTURES",
+    "draw_shapes",
+    "flerp",
+    "gratings",
+    "lerp",
+    "random_colours",
+    "shape_table",
+]
 
 OBJECT_SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring")
 """Shapes of the object and of the distractors, each chosen with equal probability."""
@@ -28,29 +42,31 @@ OBJECT_SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring")
 TEXTURES: tuple[str, ...] = ("checkerboard", "stripes", "rings")
 """Two-colour textures of the object and of the distractors, each chosen with equal probability."""
 
-_SHARPNESS = (1.0, 4.0)  # edge sharpness k of the texture profile clamp(0.5 + 0.5 k s, 0, 1)
+SHARPNESS = (1.0, 4.0)  # edge sharpness k of the texture profile clamp(0.5 + 0.5 k s, 0, 1)
 _RING_INNER = (0.4, 0.6)  # inner / outer radius of a ring shape
 
-# Layout of the uniform numbers drawn per shape (object or distractor): see _shape_table.
-_SHAPE_PARAMS = 18
+# Layout of the uniform numbers drawn per shape (object or distractor): see shape_table.
+SHAPE_PARAMS = 18
 
 
-def _lerp(u: Tensor, bounds: tuple[float, float]) -> Tensor:
+def lerp(u: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Map uniforms ``u`` in ``[0, 1]`` linearly onto ``bounds``."""
     return bounds[0] + (bounds[1] - bounds[0]) * u
 
 
-def _flerp(u: float, bounds: tuple[float, float]) -> float:
+def flerp(u: float, bounds: tuple[float, float]) -> float:
+    """:func:`lerp` for one Python float."""
     return bounds[0] + (bounds[1] - bounds[0]) * u
 
 
-def _random_colours(u: Tensor) -> Tensor:
+def random_colours(u: Tensor) -> Tensor:
     """The one colour distribution of the dataset: ``(..., 3)`` uniforms to ``(..., 3)`` RGB in ``[0, 1]``.
 
     Hue uniform, saturation in ``[0.2, 1]``, value in ``[0.25, 1]``. Objects, distractors, gratings and the colour
     noise all draw from it, so colour alone never tells the object apart.
     """
-    hsv = torch.stack([u[..., 0], _lerp(u[..., 1], (0.2, 1.0)), _lerp(u[..., 2], (0.25, 1.0))], dim=-1)
-    return _hsv_to_rgb(hsv)
+    hsv = torch.stack([u[..., 0], lerp(u[..., 1], (0.2, 1.0)), lerp(u[..., 2], (0.25, 1.0))], dim=-1)
+    return hsv_to_rgb(hsv)
 
 
 def _wave(x: Tensor) -> Tensor:
@@ -72,7 +88,7 @@ def _paint(profile: Tensor, colours: Tensor) -> Tensor:
     return c0 + (c1 - c0) * profile
 
 
-# Columns of the table _shape_table builds, one row per shape.
+# Columns of the table shape_table builds, one row per shape.
 _COLUMNS = (
     "kind", "texture", "cy", "cx", "cos", "sin", "r2_out", "r2_in", "half", "tri_d",
     "tri_c0", "tri_s0", "tri_c1", "tri_s1", "tri_c2", "tri_s2",
@@ -81,10 +97,10 @@ _COLUMNS = (
 _COL = {name: k for k, name in enumerate(_COLUMNS)}
 
 
-def _shape_table(
+def shape_table(
     u: Tensor, area: tuple[float, float], center: tuple[float, float], periods: tuple[float, float]
 ) -> tuple[Tensor, Tensor]:
-    """Per-shape geometry from ``(N, _SHAPE_PARAMS)`` uniforms, computed in Python floats.
+    """Per-shape geometry from ``(N, SHAPE_PARAMS)`` uniforms, computed in Python floats.
 
     Layout of ``u``: kind, texture, area, cy, cx, angle, ring inner ratio, period, texture angle, phase, second
     phase, sharpness, then two colours (6 numbers).
@@ -96,8 +112,8 @@ def _shape_table(
     for r in u.tolist():
         kind = min(int(r[0] * len(OBJECT_SHAPES)), len(OBJECT_SHAPES) - 1)
         texture = min(int(r[1] * len(TEXTURES)), len(TEXTURES) - 1)
-        a = _flerp(r[2], area)
-        angle, inner, period = 2 * math.pi * r[5], _flerp(r[6], _RING_INNER), _flerp(r[7], periods)
+        a = flerp(r[2], area)
+        angle, inner, period = 2 * math.pi * r[5], flerp(r[6], _RING_INNER), flerp(r[7], periods)
         if OBJECT_SHAPES[kind] == "ring":  # pi R^2 (1 - rho^2) = area
             r2_out = a / (math.pi * (1 - inner**2))
             r2_in = inner**2 * r2_out
@@ -108,26 +124,26 @@ def _shape_table(
         tex_angle = math.pi * r[8]
         rows.append(
             [
-                kind, texture, _flerp(r[3], center), _flerp(r[4], center), math.cos(angle), math.sin(angle),
+                kind, texture, flerp(r[3], center), flerp(r[4], center), math.cos(angle), math.sin(angle),
                 r2_out, r2_in, math.sqrt(a) / 2, circumradius / 2,
                 math.cos(thirds[0]), math.sin(thirds[0]), math.cos(thirds[1]), math.sin(thirds[1]),
                 math.cos(thirds[2]), math.sin(thirds[2]),
                 math.cos(tex_angle) / period, math.sin(tex_angle) / period, 1 / period, r[9], r[10],
-                _flerp(r[11], _SHARPNESS),
+                flerp(r[11], SHARPNESS),
             ]
         )  # fmt: skip
     table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(_COLUMNS))
-    return table, _random_colours(u[:, 12:18].reshape(-1, 2, 3))
+    return table, random_colours(u[:, 12:18].reshape(-1, 2, 3))
 
 
-def _draw_shapes(shapes: tuple[Tensor, Tensor], coords: Tensor) -> tuple[Tensor, Tensor]:
+def draw_shapes(shapes: tuple[Tensor, Tensor], coords: Tensor) -> tuple[Tensor, Tensor]:
     """Textured shapes, batched: pixels ``(N, 3, S, S)`` in ``[0, 1]`` and exact bool masks ``(N, S, S)``.
 
     Every shape kind and texture is evaluated for all ``N`` shapes and the drawn one selected, so a batch of mixed
     kinds costs a few dozen elementwise operations.
 
     Args:
-        shapes: ``(table, colours)`` from :func:`_shape_table`.
+        shapes: ``(table, colours)`` from :func:`shape_table`.
         coords: ``(S,)`` pixel centres in ``(0, 1)``.
     """
     table, colours = shapes
@@ -163,7 +179,7 @@ def _draw_shapes(shapes: tuple[Tensor, Tensor], coords: Tensor) -> tuple[Tensor,
     return _paint(_profile(signal, col["sharpness"])[:, None], colours), masks
 
 
-def _gratings(u: Tensor, coords: Tensor, periods: tuple[float, float]) -> Tensor:
+def gratings(u: Tensor, coords: Tensor, periods: tuple[float, float]) -> Tensor:
     """Full-image colour gratings ``(N, 3, S, S)`` from ``(N, P)`` uniforms, ``P >= 11``.
 
     Layout of ``u``: two colours (6 numbers), period, direction, phase, blend threshold, sharpness, then the blend
@@ -172,9 +188,9 @@ def _gratings(u: Tensor, coords: Tensor, periods: tuple[float, float]) -> Tensor
     """
     rows = []
     for r in u[:, :11].tolist():
-        period, angle = _flerp(r[6], periods), math.pi * r[7]
-        rows.append([math.cos(angle) / period, math.sin(angle) / period, r[8], _flerp(r[10], _SHARPNESS)])
+        period, angle = flerp(r[6], periods), math.pi * r[7]
+        rows.append([math.cos(angle) / period, math.sin(angle) / period, r[8], flerp(r[10], SHARPNESS)])
     p = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)[:, :, None, None]  # (N, 4, 1, 1)
     x, y = coords[None, None, :], coords[None, :, None]
     signal = _wave(p[:, 0] * x + p[:, 1] * y + p[:, 2])  # (N, S, S)
-    return _paint(_profile(signal, p[:, 3])[:, None], _random_colours(u[:, :6].reshape(-1, 2, 3)))
+    return _paint(_profile(signal, p[:, 3])[:, None], random_colours(u[:, :6].reshape(-1, 2, 3)))

@@ -6,14 +6,16 @@
 * :func:`sample_seed` -- the SplitMix64 mix of ``(seed, index)`` that seeds each sample's private generator.
 * :data:`HELDOUT_SEED_OFFSET` -- the held-out convention: a training set with seed ``s`` is evaluated on seed
   ``s + HELDOUT_SEED_OFFSET``.
-* Private pixel helpers both datasets use: HSV to RGB, ImageNet normalisation, tensor to ``PIL.Image``.
+* :func:`check_int`, :func:`check_transform` -- the constructor checks of every built-in dataset (this class's and
+  :class:`~tsm_lightning.data.ImageFolder`'s), written once.
+* Pixel helpers the datasets and views share: :func:`hsv_to_rgb`, :func:`to_pil`.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -22,42 +24,74 @@ from torch.utils.data import Dataset
 
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["HELDOUT_SEED_OFFSET", "MaskedImages", "sample_seed"]
+__all__ = ["HELDOUT_SEED_OFFSET", "MaskedImages", "check_int", "check_transform", "hsv_to_rgb", "sample_seed", "to_pil"]
 
 HELDOUT_SEED_OFFSET: int = 1_000_000
 """The held-out set of a training set with seed ``s`` uses seed ``s + HELDOUT_SEED_OFFSET``."""
 
 
+def check_int(value: object, name: str, minimum: int | None = None, why: str = "") -> int:
+    """Return ``value`` if it is an ``int`` (a ``bool`` is not a count) of at least ``minimum``, else raise.
+
+    Args:
+        value: the argument as passed.
+        name: its name, for the message.
+        minimum: the smallest value accepted; ``None`` accepts any int.
+        why: the reason for ``minimum``, shown in the message.
+
+    Raises:
+        ValueError: naming the argument, what it must be and what was passed.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        want = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"`{name}` must be {want}{f' ({why})' if why else ''}, got {value!r}.")
+    return value
+
+
+def check_transform(transform: object) -> Callable[[Image.Image], Any] | None:
+    """Return ``transform`` if it is ``None`` or callable, else raise a ``ValueError`` naming its type."""
+    if transform is not None and not callable(transform):
+        raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
+    return transform
+
+
 class MaskedImages(Dataset):
     """What the built-in datasets share: indexing, the ``(x, mask)`` sample, the probe and the held-out set.
 
-    A subclass's ``__init__`` takes ``num_samples``, ``image_size``, ``seed``, ``transform`` and ``normalize`` in
-    that order, checks the first three against its own limits and passes all five on to this ``__init__``; it
-    defines ``render(index) -> (image (3, S, S) in [0, 1], mask (S, S) bool)``. One that draws many samples faster
-    at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
+    Every built-in dataset is constructed by this ``__init__`` (``num_samples``, ``image_size``, ``seed``,
+    ``transform``, ``normalize``, documented by each subclass), which checks the arguments (``image_size`` against the
+    subclass's :attr:`min_image_size`). A subclass defines ``render(index) -> (image (3, S, S) in [0, 1], mask
+    (S, S) bool)``, drawing on :attr:`pixel_centres`.
+    One that draws many samples faster at once overrides ``_render_range(start, stop)``, what :meth:`probe` draws.
     """
+
+    min_image_size: ClassVar[int] = 1
+    """Smallest image side the subclass draws faithfully; :attr:`min_image_size_reason` says why."""
+    min_image_size_reason: ClassVar[str] = ""
 
     num_samples: int
     image_size: int
+    pixel_centres: Tensor
+    """``(S,)`` float32 coordinates of the pixel centres in ``(0, 1)``, the same along both axes."""
     seed: int
     transform: Callable[[Image.Image], Any] | None
     normalize: bool
 
     def __init__(
         self,
-        num_samples: int,
-        image_size: int,
-        seed: int,
-        transform: Callable[[Image.Image], Any] | None,
-        normalize: bool,
+        num_samples: int = 1024,
+        image_size: int = 64,
+        seed: int = 0,
+        transform: Callable[[Image.Image], Any] | None = None,
+        normalize: bool = True,
     ) -> None:
-        if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
-        self.num_samples = num_samples
-        self.image_size = image_size
-        self.seed = seed
-        self.transform = transform
+        self.num_samples = check_int(num_samples, "num_samples", 1)
+        self.image_size = check_int(image_size, "image_size", self.min_image_size, self.min_image_size_reason)
+        self.seed = check_int(seed, "seed")
+        self.transform = check_transform(transform)
         self.normalize = normalize
+        # Pixel centres in (0, 1), what the subclasses draw on.
+        self.pixel_centres = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
 
     def render(self, index: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - every subclass defines it
         """Draw sample ``index``: ``(image, mask)``."""
@@ -80,7 +114,7 @@ class MaskedImages(Dataset):
         """
         image, mask = self.render(index)
         if self.transform is not None:
-            return self.transform(_to_pil(image)), mask
+            return self.transform(to_pil(image)), mask
         if self.normalize:
             image = _normalize(image)
         return image, mask
@@ -91,7 +125,7 @@ class MaskedImages(Dataset):
         Raises:
             IndexError: If ``index`` is out of range.
         """
-        return _to_pil(self.render(index)[0])
+        return to_pil(self.render(index)[0])
 
     def probe(self, num_images: int, offset: int = 0, normalize: bool = True) -> tuple[Tensor, Tensor]:
         """Return a fixed probe batch: samples ``offset, ..., offset + num_images - 1``, without the transform.
@@ -119,16 +153,14 @@ class MaskedImages(Dataset):
         :func:`tsm_lightning.probe.build_probe` draws a probe from this when the transform is random: a mask next
         to an augmented view (cropped, flipped) does not describe that view.
         """
-        return type(self)(self.num_samples, self.image_size, self.seed, None, True)  # type: ignore[call-arg]
+        return type(self)(self.num_samples, self.image_size, self.seed, None, True)
 
     def held_out(self, num_samples: int = 256) -> MaskedImages:
         """Return the held-out evaluation set: same image size, seed ``seed + HELDOUT_SEED_OFFSET``.
 
         It has no transform and the same ``normalize`` setting.
         """
-        return type(self)(  # type: ignore[call-arg]
-            num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize
-        )
+        return type(self)(num_samples, self.image_size, self.seed + HELDOUT_SEED_OFFSET, None, self.normalize)
 
     def _render_range(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Samples ``start, ..., stop - 1`` as :meth:`render` draws them, for :meth:`probe`.
@@ -185,7 +217,7 @@ def sample_seed(seed: int, index: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
 
 
-def _hsv_to_rgb(hsv: Tensor) -> Tensor:
+def hsv_to_rgb(hsv: Tensor) -> Tensor:
     """``(..., 3)`` HSV in ``[0, 1]`` to ``(..., 3)`` RGB in ``[0, 1]``."""
     h, s, v = hsv.unbind(-1)
     n = torch.tensor([5.0, 3.0, 1.0])
@@ -201,7 +233,7 @@ def _normalize(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def _to_pil(image: Tensor) -> Image.Image:
+def to_pil(image: Tensor) -> Image.Image:
     """Float ``(3, H, W)`` in ``[0, 1]`` to an RGB ``PIL.Image`` (rounded to 8 bits)."""
     array = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(array)

@@ -7,14 +7,18 @@
 * :class:`ImageFolder` is a ``Dataset`` over a folder, returning ``(x, index)``.
 
 Images are opened with PIL, rotated upright according to their EXIF orientation tag, and converted to RGB (a GIF
-contributes its first frame). Hidden files and folders (names starting with ``.``) are ignored.
+contributes its first frame). Hidden files and folders (names starting with ``.``) are ignored. An image over PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels, about 89 million by default; never raised here) is
+refused before it is decoded (:class:`ImageTooLargeError`), where PIL alone would only warn below twice the limit.
 """
 
 from __future__ import annotations
 
 import glob
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from tsm_lightning.data.base import check_int, check_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolder",
+    "ImageTooLargeError",
     "find_image_files",
     "load_image",
     "load_images",
@@ -105,13 +111,37 @@ def find_image_files(paths: PathLike | Sequence[PathLike], recursive: bool = Tru
     return list(found)
 
 
+class ImageTooLargeError(ValueError):
+    """An image file over PIL's decompression-bomb limit: refused before it is decoded, never skipped silently."""
+
+
+@contextmanager
+def _open_image(path: PathLike) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` with the decompression-bomb warning (over ``Image.MAX_IMAGE_PIXELS``) made an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"has {found.group(1)} pixels" if found else f"is too large ({err})"
+        raise ImageTooLargeError(
+            f"image {str(path)!r} {size}, over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS}): refused before decoding, since such a file can exhaust memory; downscale it"
+        ) from None
+    with img:
+        yield img
+
+
 def open_rgb(path: PathLike) -> Image.Image:
     """Open an image file as an upright (EXIF-transposed) RGB ``PIL.Image``, fully loaded.
 
     Raises:
         OSError: If PIL cannot read the file (``PIL.UnidentifiedImageError`` is an ``OSError``).
+        ImageTooLargeError: If the image has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked before the
+            pixels are decoded).
     """
-    with Image.open(path) as img:
+    with _open_image(path) as img:
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
 
@@ -158,6 +188,7 @@ def load_image(
 
     Raises:
         OSError: If the file cannot be read as an image.
+        ImageTooLargeError: If it is over PIL's decompression-bomb limit.
     """
     return _to_tensor(open_rgb(path), image_size, mean, std)
 
@@ -199,9 +230,10 @@ def load_images(
     Raises:
         FileNotFoundError: If a path does not exist or a pattern matches nothing.
         ValueError: If ``image_size < 1`` or no file could be read.
+        ImageTooLargeError: If a file is over PIL's decompression-bomb limit (an error, not a skipped file: the
+            limit is PIL's defence against images built to exhaust memory).
     """
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"`image_size` must be a positive int, got {image_size!r}.")
+    check_int(image_size, "image_size", 1)
     files = find_image_files(paths, recursive=recursive)
     tensors: list[Tensor] = []
     ok: list[Path] = []
@@ -209,6 +241,8 @@ def load_images(
     for path in files:
         try:
             tensors.append(load_image(path, image_size, mean, std))
+        except ImageTooLargeError:
+            raise
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken headers
             skipped.append((path, _reason(err)))
             continue
@@ -273,20 +307,16 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist.")
         if not root.is_dir():
             raise NotADirectoryError(f"{str(root)!r} is not a folder; ImageFolder needs a folder of images.")
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"`image_size` must be a positive int or None, got {image_size!r}.")
-        if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}.")
         self.root = root
-        self.transform = transform
-        self.image_size = image_size
+        self.transform = check_transform(transform)
+        self.image_size = None if image_size is None else check_int(image_size, "image_size", 1)
         self.normalize = normalize
         self.recursive = recursive
         self.files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
         for path in _list_folder(root, recursive):
             try:
-                with Image.open(path) as img:
+                with _open_image(path) as img:
                     img.verify()
             except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, ...)
                 self.skipped.append((path, _reason(err)))

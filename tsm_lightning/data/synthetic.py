@@ -16,8 +16,8 @@ Distinct seeds give unrelated images, so the offset only keeps the convention un
 ``HELDOUT_SEED_OFFSET``.
 
 What every built-in dataset shares -- :class:`~tsm_lightning.data.base.MaskedImages` (indexing, the sample, the
-probe, the held-out set), :func:`sample_seed` and :data:`HELDOUT_SEED_OFFSET` -- lives in
-:mod:`tsm_lightning.data.base`; those names stay importable from here.
+probe, the held-out set, the constructor checks), :func:`~tsm_lightning.data.sample_seed` and
+:data:`~tsm_lightning.data.HELDOUT_SEED_OFFSET` -- lives in :mod:`tsm_lightning.data.base`.
 
 Example:
     >>> from lightly.transforms import SimCLRTransform
@@ -29,28 +29,15 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from tsm_lightning.data.base import (
-    HELDOUT_SEED_OFFSET,
-    MaskedImages,
-    _hsv_to_rgb,
-    sample_seed,
-)
+from tsm_lightning.data.base import MaskedImages, hsv_to_rgb, sample_seed
 
-# Defined in tsm_lightning.data.base, importable from here as before.
-from tsm_lightning.data.base import _normalize as _normalize
-from tsm_lightning.data.base import _splitmix64 as _splitmix64
-from tsm_lightning.data.base import _to_pil as _to_pil
-
-__all__ = ["HELDOUT_SEED_OFFSET", "SHAPES", "MaskedImages", "SyntheticObject", "SyntheticShapes", "sample_seed"]
+__all__ = ["SHAPES", "SyntheticObject", "SyntheticShapes"]
 
 SHAPES: tuple[str, ...] = ("disc", "ellipse", "square", "rectangle", "triangle", "ring")
 """The object kinds :class:`SyntheticShapes` draws, each chosen with equal probability."""
@@ -102,30 +89,18 @@ class SyntheticShapes(MaskedImages):
             ``IMAGENET_STD``) or left in ``[0, 1]``. Ignored when a transform is given (the transform decides).
 
     Raises:
-        ValueError: If ``num_samples < 1`` or ``image_size < 16``.
+        ValueError: If ``num_samples < 1``, ``image_size < 16``, either is not an int (a bool is not a count),
+            ``seed`` is not an int or ``transform`` is not callable.
 
     ``dataset[i]`` returns ``(x, mask)``: ``x`` is the float ``(3, S, S)`` image without a transform, else
     ``transform(pil_image)`` (a tensor or a list of tensors); ``mask`` is always the un-augmented ``(S, S)`` bool
     mask of the object pixels. Both collate with the default ``DataLoader`` collate function.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        image_size: int = 64,
-        seed: int = 0,
-        transform: Callable[[Image.Image], Any] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an int >= 1, got {num_samples!r}.")
-        if not isinstance(image_size, int) or image_size < 16:
-            raise ValueError(f"`image_size` must be an int >= 16 (objects need room to be drawn), got {image_size!r}.")
-        if not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        super().__init__(num_samples, image_size, seed, transform, normalize)
-        coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
-        self._yy, self._xx = torch.meshgrid(coords, coords, indexing="ij")
+    # Measured on 256 samples per size: at 16 px the drawn masks' areas stay within 3.7 % (median; 9 % at the 90th
+    # percentile) of the objects' intended areas, against 1.5 % at 32 px; objects need no texture to be told apart.
+    min_image_size = 16
+    min_image_size_reason = "objects need room to be drawn"
 
     # ------------------------------------------------------------------------------------------------ public helpers
 
@@ -177,7 +152,7 @@ class SyntheticShapes(MaskedImages):
         noise = torch.randn(bg.shape, generator=g) * noise_sigma
 
         image = bg if background else torch.zeros_like(bg)
-        visible = []
+        visible: list[Tensor] = []  # each object's mask, minus what the objects drawn after it cover
         for obj, (inside, u, v) in zip(objects, shapes, strict=True):
             shading = self._shading(obj, u, v)
             fill = (torch.tensor(obj.color)[:, None, None] * shading).clamp(0.02, 1.0)
@@ -188,9 +163,14 @@ class SyntheticShapes(MaskedImages):
             image = (image + noise).clamp(0.0, 1.0)
         return image, torch.stack(visible), objects
 
+    def _grid(self) -> tuple[Tensor, Tensor]:
+        """``(yy, xx)``: the ``(S, S)`` pixel-centre coordinates in ``(0, 1)``."""
+        yy, xx = torch.meshgrid(self.pixel_centres, self.pixel_centres, indexing="ij")
+        return yy, xx
+
     def _background(self, g: torch.Generator) -> Tensor:
         """Smooth random colour gradient + low-frequency colour noise + faint stripes: float ``(3, S, S)``."""
-        s, yy, xx = self.image_size, self._yy, self._xx
+        s, (yy, xx) = self.image_size, self._grid()
         c0, c1 = 0.1 + 0.8 * torch.rand(2, 3, 1, 1, generator=g)
         theta = 2 * math.pi * _uniform(g)
         t = 0.5 + ((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta)) / math.sqrt(2)
@@ -261,7 +241,8 @@ class SyntheticShapes(MaskedImages):
         self, kind: str, center: tuple[float, float], area: float, extent: float, aspect: float, angle: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Bool ``(S, S)`` mask of the object's pixels and the rotated coordinates ``u, v`` around its centre."""
-        dy, dx = self._yy - center[0], self._xx - center[1]
+        yy, xx = self._grid()
+        dy, dx = yy - center[0], xx - center[1]
         cos, sin = math.cos(angle), math.sin(angle)
         u, v = cos * dx + sin * dy, -sin * dx + cos * dy
         if kind == "disc":
@@ -287,10 +268,10 @@ class SyntheticShapes(MaskedImages):
         hsv = torch.rand(_COLOUR_CANDIDATES, 3, generator=g)
         hsv[:, 1] = 0.5 + 0.5 * hsv[:, 1]
         hsv[:, 2] = 0.55 + 0.45 * hsv[:, 2]
-        candidates = _hsv_to_rgb(hsv)  # (K, 3)
+        candidates = hsv_to_rgb(hsv)  # (K, 3)
         covered = bg[:, inside]  # (3, M)
         distance = (candidates[:, :, None] - covered[None]).abs().sum(dim=1).mean(dim=1)
-        return tuple(candidates[int(distance.argmax())].tolist())  # type: ignore[return-value]
+        return tuple(candidates[int(distance.argmax())].tolist())
 
     @staticmethod
     def _shading(obj: SyntheticObject, u: Tensor, v: Tensor) -> Tensor:

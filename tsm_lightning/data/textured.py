@@ -1,11 +1,11 @@
 """One textured object over clutter of matching contrast, with exact masks and background-swap views.
 
 :class:`TexturedObjects` draws, on each ``S x S`` image, **one object** defined by its *shape* (disc, square,
-triangle, ring; see :data:`OBJECT_SHAPES`) and its *texture* (checkerboard, stripes, concentric rings; see
-:data:`TEXTURES`), over **clutter**: smooth colour noise, a patch of a broad colour grating, four small distractor
-shapes of the same kinds and textures, and pixel noise. What tells the object apart is its shape, its size and the
-scale of its texture (period 10-18 % of the image side; the distractors' textures are finer, 3.5-6 %, the
-grating broader, 30-60 %), never its colour, contrast or position:
+triangle, ring; see :data:`~tsm_lightning.data.OBJECT_SHAPES`) and its *texture* (checkerboard, stripes, concentric
+rings; see :data:`~tsm_lightning.data.TEXTURES`), over **clutter**: smooth colour noise, a patch of a broad colour
+grating, four small distractor shapes of the same kinds and textures, and pixel noise. What tells the object apart
+is its shape, its size and the scale of its texture (period 10-18 % of the image side; the distractors' textures are
+finer, 3.5-6 %, the grating broader, 30-60 %), never its colour, contrast or position:
 
 * **No colour shortcut.** The object's two texture colours are drawn from the same distribution as every clutter
   colour (grating colours, distractor colours, the cells of the colour noise), and never chosen to contrast with
@@ -26,22 +26,23 @@ state is never touched): one stream for the object, one for its canonical clutte
 torch: all objects, distractors and gratings of a batch of images are rendered in a few tensor operations
 (:mod:`tsm_lightning.data._texture_drawing`, which also defines :data:`OBJECT_SHAPES` and :data:`TEXTURES`).
 
-**Background swap** (:class:`BackgroundSwapViews`). For self-supervised training, the views of sample ``i`` share
-the object's exact pixels and position, but each view gets freshly drawn clutter; each composite is then
-augmented on its own (random-resized crop, flip, colour jitter, grayscale). This is the standard copy-paste /
+**Background swap** (:class:`~tsm_lightning.data.BackgroundSwapViews`). For self-supervised training, the views of
+sample ``i`` share the object's exact pixels and position, but each view gets freshly drawn clutter; each composite is
+then augmented on its own (random-resized crop, flip, colour jitter, grayscale). This is the standard copy-paste /
 background augmentation trick (e.g. Ghiasi et al., "Simple Copy-Paste is a Strong Data Augmentation Method",
 CVPR 2021; Zhao et al., "Distilling Localization for Self-Supervised Representation Learning", AAAI 2021;
 Ryali et al., "Characterizing and Improving the Robustness of Self-Supervised Learning through Background
 Augmentations", 2021): what the views have in common is the object, so a contrastive model learns the object
 rather than the clutter. Without it (``swap=False``, every view of a sample cut from the same image), a model
-trained on this data learns the clutter instead. :class:`BackgroundSwapViews` and its default per-view transform
-:func:`view_augmentation` are defined in :mod:`tsm_lightning.data.views` and importable from here.
+trained on this data learns the clutter instead. :class:`~tsm_lightning.data.BackgroundSwapViews` and its default
+per-view transform :func:`~tsm_lightning.data.view_augmentation` are defined in :mod:`tsm_lightning.data.views`.
 
 Held-out convention: a training set uses ``seed=s`` (default 0); its held-out evaluation set is
 ``TexturedObjects(num_samples=256, seed=s + HELDOUT_SEED_OFFSET)``, also returned by
 :meth:`TexturedObjects.held_out`. Train with seeds below ``HELDOUT_SEED_OFFSET``.
 
 Example:
+    >>> from tsm_lightning.data import BackgroundSwapViews, TexturedObjects
     >>> train = BackgroundSwapViews(TexturedObjects(num_samples=2048, image_size=64))
     >>> views, index = train[0]                        # two augmented (3, 64, 64) views sharing the object
     >>> images, masks = train.dataset.held_out(256).probe(256)   # (256, 3, 64, 64) normalised, (256, 64, 64) bool
@@ -50,38 +51,28 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from tsm_lightning.data._texture_drawing import (
-    _SHAPE_PARAMS,
-    _SHARPNESS,
     OBJECT_SHAPES,
+    SHAPE_PARAMS,
+    SHARPNESS,
     TEXTURES,
-    _draw_shapes,
-    _flerp,
-    _gratings,
-    _lerp,
-    _random_colours,
-    _shape_table,
+    draw_shapes,
+    flerp,
+    gratings,
+    lerp,
+    random_colours,
+    shape_table,
 )
 from tsm_lightning.data.base import MaskedImages, sample_seed
-from tsm_lightning.data.views import BackgroundSwapViews, view_augmentation
 
-__all__ = [
-    "OBJECT_SHAPES",
-    "TEXTURES",
-    "BackgroundSwapViews",
-    "TexturedObject",
-    "TexturedObjects",
-    "view_augmentation",
-]
+__all__ = ["TexturedObject", "TexturedObjects"]
 
 NUM_DISTRACTORS: int = 4
 """Small, finely textured distractor shapes in the clutter of every image."""
@@ -104,7 +95,7 @@ _BLEND_SLOPE = 8.0  # softness of a grating patch's edge: weight = clamp(0.5 + s
 _CHUNK = 64  # images rendered per batched call (bounds the memory of the per-shape grids)
 _CLUTTER_STREAM = 0x636C7574746572  # mixes the canonical clutter's seed out of the object's
 
-# Layout of the uniform numbers drawn per grating: see _texture_drawing._gratings.
+# Layout of the uniform numbers drawn per grating: see _texture_drawing.gratings.
 _GRATING_PARAMS = 11 + _BLEND_CELLS**2
 
 
@@ -148,7 +139,7 @@ class TexturedObjects(MaskedImages):
         seed: Dataset seed; sample ``i`` depends only on ``(seed, i)`` and ``image_size``. See the module
             docstring for the held-out convention.
         transform: Optional callable applied to the sample's ``PIL.Image`` (RGB, ``S x S``). For self-supervised
-            training use :class:`BackgroundSwapViews` instead, which gives each view fresh clutter.
+            training use :class:`~tsm_lightning.data.BackgroundSwapViews` instead, which gives each view fresh clutter.
         normalize: Without a transform, whether images are ImageNet-normalised (mean ``IMAGENET_MEAN``, std
             ``IMAGENET_STD``) or left in ``[0, 1]``. Ignored when a transform is given (the transform decides).
 
@@ -161,22 +152,11 @@ class TexturedObjects(MaskedImages):
     image. Both collate with the default ``DataLoader`` collate function.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        image_size: int = 64,
-        seed: int = 0,
-        transform: Callable[[Image.Image], Any] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an int >= 1, got {num_samples!r}.")
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
-            raise ValueError(f"`image_size` must be an int >= 32 (textures need room to be drawn), got {image_size!r}.")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        super().__init__(num_samples, image_size, seed, transform, normalize)
-        self._coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size  # pixel centres in (0, 1)
+    # The object's texture period is 10-18 % of the side: at 32 px that is 3.2-5.8 pixels, above the 2-pixel limit
+    # (Nyquist) under which a texture aliases into another scale; at 16 px a third of the objects' textures would
+    # alias. (The distractors' finer textures need 57 px; the default is 64.)
+    min_image_size = 32
+    min_image_size_reason = "textures need a few pixels per period"
 
     # ------------------------------------------------------------------------------------------------ public helpers
 
@@ -233,19 +213,19 @@ class TexturedObjects(MaskedImages):
         """
         u = self._object_uniforms(self._check_index(index))
         r = u.tolist()
-        _, colours = _shape_table(u[None, :_SHAPE_PARAMS], _OBJECT_AREA, _OBJECT_CENTER, _OBJECT_PERIOD)
+        _, colours = shape_table(u[None, :SHAPE_PARAMS], _OBJECT_AREA, _OBJECT_CENTER, _OBJECT_PERIOD)
         c = colours[0].tolist()
         return TexturedObject(
             kind=OBJECT_SHAPES[min(int(r[0] * len(OBJECT_SHAPES)), len(OBJECT_SHAPES) - 1)],
             texture=TEXTURES[min(int(r[1] * len(TEXTURES)), len(TEXTURES) - 1)],
-            center=(_flerp(r[3], _OBJECT_CENTER), _flerp(r[4], _OBJECT_CENTER)),
-            area=_flerp(r[2], _OBJECT_AREA),
+            center=(flerp(r[3], _OBJECT_CENTER), flerp(r[4], _OBJECT_CENTER)),
+            area=flerp(r[2], _OBJECT_AREA),
             angle=2 * math.pi * r[5],
             texture_angle=math.pi * r[8],
-            period=_flerp(r[7], _OBJECT_PERIOD),
-            sharpness=_flerp(r[11], _SHARPNESS),
-            colors=(tuple(c[0]), tuple(c[1])),  # type: ignore[arg-type]
-            noise_sigma=_flerp(r[_SHAPE_PARAMS], _NOISE_SIGMA),
+            period=flerp(r[7], _OBJECT_PERIOD),
+            sharpness=flerp(r[11], SHARPNESS),
+            colors=(tuple(c[0]), tuple(c[1])),
+            noise_sigma=flerp(r[SHAPE_PARAMS], _NOISE_SIGMA),
         )
 
     # ------------------------------------------------------------------------------------------------------ drawing
@@ -259,9 +239,9 @@ class TexturedObjects(MaskedImages):
         return sample_seed(sample_seed(self.seed, index), _CLUTTER_STREAM)
 
     def _object_uniforms(self, index: int) -> Tensor:
-        """The object stream's uniforms: shape parameters, then the noise level. ``(_SHAPE_PARAMS + 1,)``."""
+        """The object stream's uniforms: shape parameters, then the noise level. ``(SHAPE_PARAMS + 1,)``."""
         g = torch.Generator().manual_seed(sample_seed(self.seed, index))
-        return torch.rand(_SHAPE_PARAMS + 1, generator=g)
+        return torch.rand(SHAPE_PARAMS + 1, generator=g)
 
     def _objects(self, indices: list[int], noise: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Objects of the samples: pixels ``(B, 3, S, S)`` (noise added, clamped), masks ``(B, S, S)``, sigmas ``(B,)``.
@@ -272,12 +252,12 @@ class TexturedObjects(MaskedImages):
         uniforms, noises = [], []
         for i in indices:
             g = torch.Generator().manual_seed(sample_seed(self.seed, i))
-            uniforms.append(torch.rand(_SHAPE_PARAMS + 1, generator=g))
+            uniforms.append(torch.rand(SHAPE_PARAMS + 1, generator=g))
             noises.append(torch.randn(3, s, s, generator=g) if noise else torch.zeros(3, s, s))
         u = torch.stack(uniforms)
-        sigma = _lerp(u[:, _SHAPE_PARAMS], _NOISE_SIGMA)
-        table = _shape_table(u[:, :_SHAPE_PARAMS], _OBJECT_AREA, _OBJECT_CENTER, _OBJECT_PERIOD)
-        pixels, masks = _draw_shapes(table, self._coords)
+        sigma = lerp(u[:, SHAPE_PARAMS], _NOISE_SIGMA)
+        table = shape_table(u[:, :SHAPE_PARAMS], _OBJECT_AREA, _OBJECT_CENTER, _OBJECT_PERIOD)
+        pixels, masks = draw_shapes(table, self.pixel_centres)
         pixels = (pixels + sigma[:, None, None, None] * torch.stack(noises)).clamp(0.0, 1.0)
         return pixels, masks, sigma
 
@@ -289,22 +269,22 @@ class TexturedObjects(MaskedImages):
         uniforms, noises = [], []
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
-            uniforms.append(torch.rand(n_cells + n_gratings + NUM_DISTRACTORS * _SHAPE_PARAMS, generator=g))
+            uniforms.append(torch.rand(n_cells + n_gratings + NUM_DISTRACTORS * SHAPE_PARAMS, generator=g))
             noises.append(torch.randn(3, s, s, generator=g))
         u = torch.stack(uniforms)  # (B, uniforms per image)
 
         # Smooth colour noise: a grid of random colours, upsampled bicubically.
-        cells = _random_colours(u[:, :n_cells].reshape(b, _NOISE_CELLS**2, 3))  # (B, cells^2, 3)
+        cells = random_colours(u[:, :n_cells].reshape(b, _NOISE_CELLS**2, 3))  # (B, cells^2, 3)
         grid = cells.transpose(1, 2).reshape(b, 3, _NOISE_CELLS, _NOISE_CELLS)
         image = F.interpolate(grid, size=(s, s), mode="bicubic", align_corners=True).clamp(0.0, 1.0)
 
         # Patches of colour gratings: stripes with the textures' colours, periods and profile, blended in where a
         # smooth random field exceeds a threshold.
         gu = u[:, n_cells : n_cells + n_gratings].reshape(b * NUM_GRATINGS, _GRATING_PARAMS)
-        grating = _gratings(gu, self._coords, _GRATING_PERIOD)  # (BG, 3, S, S)
+        grating = gratings(gu, self.pixel_centres, _GRATING_PERIOD)  # (BG, 3, S, S)
         field = gu[:, _GRATING_PARAMS - _BLEND_CELLS**2 :].reshape(-1, 1, _BLEND_CELLS, _BLEND_CELLS)
         field = F.interpolate(field, size=(s, s), mode="bicubic", align_corners=True)
-        threshold = _lerp(gu[:, 9], _GRATING_THRESHOLD)[:, None, None, None]
+        threshold = lerp(gu[:, 9], _GRATING_THRESHOLD)[:, None, None, None]
         weight = (0.5 + _BLEND_SLOPE * (field - threshold)).clamp(0.0, 1.0)  # (BG, 1, S, S)
         grating = grating.reshape(b, NUM_GRATINGS, 3, s, s)
         weight = weight.reshape(b, NUM_GRATINGS, 1, s, s)
@@ -312,8 +292,9 @@ class TexturedObjects(MaskedImages):
             image = image + weight[:, k] * (grating[:, k] - image)
 
         # Distractors: smaller textured shapes of the object's kinds and textures, painted in order.
-        du = u[:, n_cells + n_gratings :].reshape(b * NUM_DISTRACTORS, _SHAPE_PARAMS)
-        pixels, masks = _draw_shapes(_shape_table(du, _DISTRACTOR_AREA, (0.0, 1.0), _DISTRACTOR_PERIOD), self._coords)
+        du = u[:, n_cells + n_gratings :].reshape(b * NUM_DISTRACTORS, SHAPE_PARAMS)
+        table = shape_table(du, _DISTRACTOR_AREA, (0.0, 1.0), _DISTRACTOR_PERIOD)
+        pixels, masks = draw_shapes(table, self.pixel_centres)
         pixels = pixels.reshape(b, NUM_DISTRACTORS, 3, s, s)
         masks = masks.reshape(b, NUM_DISTRACTORS, 1, s, s)
         for k in range(NUM_DISTRACTORS):

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
-from tsm_lightning.data.base import _to_pil
+from tsm_lightning.data.base import check_int, to_pil
 
 if TYPE_CHECKING:
     from tsm_lightning.data.textured import TexturedObjects
@@ -78,8 +78,8 @@ class BackgroundSwapViews(Dataset):
             raise ValueError(
                 f"`dataset` must provide render() and render_views() (a TexturedObjects), got {type(dataset).__name__}."
             )
-        if num_views is not None and (not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1):
-            raise ValueError(f"`num_views` must be an int >= 1 or None, got {num_views!r}.")
+        if num_views is not None:
+            check_int(num_views, "num_views", 1)
         if transform is None:
             transform = view_augmentation(dataset.image_size)
         if callable(transform):
@@ -143,7 +143,7 @@ class BackgroundSwapViews(Dataset):
             images = self.dataset._render_chunked(rows, canonical)[0]
             composites = images[:, None].expand(-1, k, -1, -1, -1)
         return [
-            ([t(_to_pil(c)) for t, c in zip(self.transforms, views, strict=True)], i)
+            ([t(to_pil(c)) for t, c in zip(self.transforms, views, strict=True)], i)
             for views, i in zip(composites, rows, strict=True)
         ]
 
@@ -180,8 +180,7 @@ def view_augmentation(
     """
     from torchvision.transforms import v2
 
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"`image_size` must be an int >= 1, got {image_size!r}.")
+    check_int(image_size, "image_size", 1)
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"`min_scale` must lie in (0, 1], got {min_scale!r}.")
     if jitter < 0:

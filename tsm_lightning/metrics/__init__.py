@@ -15,6 +15,8 @@ One module per concern; every name is importable from ``tsm_lightning.metrics``:
 * :mod:`~tsm_lightning.metrics.faithfulness` -- embedding faithfulness (drop, increase, gain, deletion, insertion);
 * :mod:`~tsm_lightning.metrics.scores` -- the classic score metrics (Average Drop / Increase / Gain, score AUCs);
 * :mod:`~tsm_lightning.metrics.collapse` -- collapse indicators of an embedding;
+* :mod:`~tsm_lightning.metrics.shape` -- label-free shape statistics of a map: mass in the largest blob, blob
+  count, distance from the border, spread, consistency under flip, similarity to a fresh initialisation's maps;
 * :mod:`~tsm_lightning.metrics.summary` -- :func:`map_metrics` (the cheap ones for every method) and
   :func:`summarize`.
 
@@ -74,6 +76,15 @@ from tsm_lightning.metrics.scores import (
     score_insertion_auc,
     score_metrics,
 )
+from tsm_lightning.metrics.shape import (
+    blob_count,
+    border_distance,
+    connected_components,
+    flip_consistency,
+    fresh_init_similarity,
+    largest_blob_mass,
+    mass_spread,
+)
 from tsm_lightning.metrics.spectra import spectral_concentration, spectral_metrics
 from tsm_lightning.metrics.summary import map_metrics, summarize
 
@@ -83,7 +94,10 @@ __all__ = [
     "average_drop",
     "average_gain",
     "average_increase",
+    "blob_count",
     "blur_baseline",
+    "border_distance",
+    "connected_components",
     "default_embed_fn",
     "deletion_auc",
     "deletion_curve",
@@ -94,13 +108,17 @@ __all__ = [
     "embedding_spread",
     "energy_in_mask",
     "faithfulness_metrics",
+    "flip_consistency",
+    "fresh_init_similarity",
     "gini",
     "insertion_auc",
     "insertion_curve",
+    "largest_blob_mass",
     "localization_metrics",
     "map_entropy",
     "map_metrics",
     "mask_iou",
+    "mass_spread",
     "pearson",
     "pointing_game",
     "predicted_class_score",

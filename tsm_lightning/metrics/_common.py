@@ -1,4 +1,4 @@
-"""Tensor plumbing shared by the metric modules: accumulation dtype, flattened maps, float32 results."""
+"""Tensor plumbing shared by the metric modules: accumulation dtype, flattened maps, float32 results, spectral input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import Tensor
 
 from tsm_lightning.checks import check_maps
 
-__all__ = ["acc_dtype", "flat", "out"]
+__all__ = ["acc_dtype", "flat", "out", "spectral_input"]
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:
@@ -25,3 +25,14 @@ def flat(maps: Tensor, name: str = "maps") -> Tensor:
 def out(values: Tensor, like: Tensor) -> Tensor:
     """A result as float32 on ``like``'s device."""
     return values.to(device=like.device, dtype=torch.float32)
+
+
+def spectral_input(features: Tensor) -> Tensor:
+    """Upcast features to the accumulation dtype (float64; float32 on MPS) before a spectral decomposition.
+
+    In float32 the Gram's rounding noise gives every zero singular value a spurious ``~sqrt(eps) * s_1``
+    (``3e-4 * s_1``), which biases ``sum_k s_k`` by up to ``min(C, N)`` times that.
+    """
+    if not isinstance(features, Tensor) or not features.is_floating_point():
+        return features  # decompose raises the clear error
+    return features.to(acc_dtype(features.device))

@@ -281,6 +281,7 @@ def perturb(
             segments.append((b, _masked_builder(images, m)))
             keys.append((name, "drop"))
         if curve_kinds:
+            assert base_images is not None  # resolved above whenever a curve is asked for
             rank = saliency_rank(m).to(torch.int32)  # half the memory of int64; N < 2**31
             for kind in curve_kinds:
                 segments.append((b * (steps - 1), _curve_builder(images, base_images, rank, counts, kind)))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tsm_lightning.core import Decomposition, decompose
-from tsm_lightning.metrics._common import acc_dtype, out
+from tsm_lightning.metrics._common import out, spectral_input
 
 __all__ = ["spectral_concentration", "spectral_metrics"]
 
@@ -25,17 +25,6 @@ def _concentration(singular_values: Tensor, valid: Tensor) -> Tensor:
     ratio = singular_values[:, 0] / torch.where(total > 0, total, torch.ones_like(total))
     ratio = torch.where(total > 0, ratio, torch.zeros_like(ratio))
     return torch.where(valid, ratio, torch.full_like(ratio, math.nan))
-
-
-def _spectral_input(features: Tensor) -> Tensor:
-    """Upcast features to float64 (float32 on MPS) before the decomposition.
-
-    In float32 the Gram's rounding noise gives every zero singular value a spurious ``~sqrt(eps) * s_1``
-    (``3e-4 * s_1``), which biases ``sum_k s_k`` by up to ``min(C, N)`` times that.
-    """
-    if not isinstance(features, Tensor) or not features.is_floating_point():
-        return features  # decompose raises the clear error
-    return features.to(acc_dtype(features.device))
 
 
 def spectral_concentration(features: Tensor, centred: bool = False) -> Tensor:
@@ -59,7 +48,7 @@ def spectral_concentration(features: Tensor, centred: bool = False) -> Tensor:
     Returns:
         ``(B,)`` float32 concentrations on the features' device.
     """
-    dec = decompose(_spectral_input(features), uncentred=not centred, centred=centred)
+    dec = decompose(spectral_input(features), uncentred=not centred, centred=centred)
     key = "spectral_concentration_centred" if centred else "spectral_concentration"
     return spectral_metrics(dec)[key]
 

@@ -10,11 +10,12 @@ from torch import Tensor
 
 from tsm_lightning.checks import check_maps
 from tsm_lightning.core import Decomposition, decompose
+from tsm_lightning.metrics._common import spectral_input
 from tsm_lightning.metrics.agreement import pearson, stability
 from tsm_lightning.metrics.complexity import gini, map_entropy
 from tsm_lightning.metrics.faithfulness import check_map_dict
 from tsm_lightning.metrics.localization import localization_metrics
-from tsm_lightning.metrics.spectra import _spectral_input, spectral_metrics
+from tsm_lightning.metrics.spectra import spectral_metrics
 
 __all__ = ["FEATURES", "map_metrics", "summarize"]
 
@@ -77,7 +78,7 @@ def map_metrics(
             results[a][f"agreement_{b}"] = r
             results[b][f"agreement_{a}"] = r.clone()
     if decomposition is None and features is not None:
-        decomposition = decompose(_spectral_input(features))
+        decomposition = decompose(spectral_input(features))
     if decomposition is not None:
         results[FEATURES] = spectral_metrics(decomposition)
     return results
