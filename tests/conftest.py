@@ -26,3 +26,20 @@ def blob_features(batch: int = 4, channels: int = 32, size: int = 7, seed: int =
         i, j = (b * 2) % (size - 1), (b * 3) % (size - 1)
         feats[b, :, i : i + 2, j : j + 2] += pattern[:, None, None] * 3
     return feats
+
+
+@pytest.fixture
+def inproc(env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run ``tsm-lightning`` (``cli.main``) in this process, much faster than a subprocess, with the test module's
+    ``env`` folder (where its model modules are written) on ``sys.path``: returns ``(code, stdout, stderr)``."""
+    from tsm_lightning import cli
+
+    monkeypatch.syspath_prepend(str(env["root"]))
+    monkeypatch.delenv("TSM_LIGHTNING_DEBUG", raising=False)
+
+    def call(*args: object) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -118,3 +118,23 @@ def import_source(folder, name: str, source: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(folder))
+
+
+def aim_vit() -> nn.Module:
+    """lightly's AIM ViT (``MaskedCausalVisionTransformer``), tiny: 32 px, 8 px patches, no class token.
+
+    With the installed timm its ``forward`` fails (it passes an argument timm's no longer takes); ``forward_features``
+    runs.
+    """
+    from lightly.models.modules import MaskedCausalVisionTransformer
+
+    return MaskedCausalVisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        no_embed_class=True,
+        global_pool="avg",
+    )

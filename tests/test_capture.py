@@ -344,7 +344,7 @@ def test_moco_and_byol_names_pick_the_online_network_never_the_copy():
 
 
 def test_a_vit_whose_forward_fails_is_called_with_forward_features():
-    from lightly.models.modules import MaskedCausalVisionTransformer
+    from helpers import aim_vit
     from lightning.pytorch import LightningModule
 
     from tsm_lightning.capture import call_network
@@ -352,16 +352,7 @@ def test_a_vit_whose_forward_fails_is_called_with_forward_features():
     class AIMLike(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.backbone = MaskedCausalVisionTransformer(
-                img_size=32,
-                patch_size=8,
-                embed_dim=16,
-                depth=2,
-                num_heads=2,
-                class_token=False,
-                no_embed_class=True,
-                global_pool="avg",
-            )
+            self.backbone = aim_vit()
 
     model = AIMLike().eval()
     images = torch.randn(2, 3, 32, 32)

@@ -162,20 +162,6 @@ def run_cli(env: dict[str, Path], *args: object) -> subprocess.CompletedProcess[
     )
 
 
-@pytest.fixture
-def inproc(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Run ``cli.main`` in this process (much faster than a subprocess): returns (code, stdout, stderr)."""
-    monkeypatch.syspath_prepend(str(env["root"]))
-    monkeypatch.delenv("TSM_LIGHTNING_DEBUG", raising=False)
-
-    def call(*args: object) -> tuple[int, str, str]:
-        code = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
-
-
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))

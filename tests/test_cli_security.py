@@ -27,7 +27,6 @@ from PIL import Image
 from torch import nn
 
 from tests.helpers import import_source
-from tsm_lightning import cli
 from tsm_lightning.cli.errors import CLIError
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -171,20 +170,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Image.fromarray(image).save(root / "a.png")
     paths["image"] = root / "a.png"
     return paths
-
-
-@pytest.fixture
-def inproc(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """``cli.main`` in this process: returns (code, stdout, stderr)."""
-    monkeypatch.syspath_prepend(str(env["root"]))
-    monkeypatch.delenv("TSM_LIGHTNING_DEBUG", raising=False)
-
-    def call(*args: object) -> tuple[int, str, str]:
-        code = cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 def _one_line_error(code: int, err: str) -> str:

@@ -272,7 +272,7 @@ def test_explaining_a_model_imports_neither_timm_nor_transformers():
 
 
 def test_saliency_monitor_alone_runs_lightlys_aim_vit_through_forward_features(tmp_path):
-    from lightly.models.modules import MaskedCausalVisionTransformer
+    from helpers import aim_vit
     from lightning.pytorch import LightningModule, Trainer, seed_everything
     from lightning_helpers import loader, trainer_kwargs
 
@@ -281,16 +281,7 @@ def test_saliency_monitor_alone_runs_lightlys_aim_vit_through_forward_features(t
     class AIMLike(LightningModule):  # lightly's AIM example: the training step calls forward_features
         def __init__(self) -> None:
             super().__init__()
-            self.backbone = MaskedCausalVisionTransformer(
-                img_size=32,
-                patch_size=8,
-                embed_dim=16,
-                depth=2,
-                num_heads=2,
-                class_token=False,
-                no_embed_class=True,
-                global_pool="avg",
-            )
+            self.backbone = aim_vit()
             self.head = nn.Linear(16, 8)
 
         def training_step(self, batch, batch_idx):
