@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from tsm_lightning.checks import check_positive_int
+from tsm_lightning.checks import check_num_components, check_positive_int
 from tsm_lightning.constants import IMAGENET_MEAN, IMAGENET_STD, WEIGHTINGS
 from tsm_lightning.render import COLORMAPS
 from tsm_lightning.tokens import TokenGridSpec, check_token_grid
@@ -95,8 +95,7 @@ class MapOptions:
     attention_heads: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_components is not None:
-            check_positive_int(self.num_components, "MapOptions.num_components")
+        check_num_components(self.num_components)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; valid weightings are {WEIGHTINGS}.")
         if self.attention not in (None, True, False):

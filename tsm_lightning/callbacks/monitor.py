@@ -323,7 +323,7 @@ class SaliencyMonitorMixin:
     def run(self, trainer: Any, pl_module: Any, captured: Captured | None = None) -> RunResult:
         """Compute this step's maps, metrics and pictures and queue them for writing (rank zero only).
 
-        An error of an earlier run's writing is raised here first.
+        An earlier run that could not be written is reported here first: a warning, or raised with ``strict=True``.
 
         Args:
             trainer: the ``Trainer``.
