@@ -295,13 +295,17 @@ def test_allow_list_is_scoped(tmp_path: Path) -> None:
     """The allowed types are allowed during a read only: torch's global allow-list is left as it was."""
     import pickle
 
-    from tsm_lightning.cli.loading import read_checkpoint
+    from tsm_lightning.cli.loading import allowed_globals, read_checkpoint
 
     before = list(torch.serialization.get_safe_globals())
     path = tmp_path / "with_path.pt"
     torch.save({"w": torch.ones(2), "root": pathlib.Path("x")}, path)
     assert read_checkpoint(path)["root"] == pathlib.Path("x")
-    assert torch.serialization.get_safe_globals() == before
+    after = torch.serialization.get_safe_globals()
+    # torch registers some of its own types lazily (DTensor's, when torch.distributed.tensor is first imported), so
+    # the list may grow during the read; none of what the package allows may stay in it.
+    assert all(entry in after for entry in before)
+    assert not {repr(g) for g in after if g not in before} & {repr(g) for g in allowed_globals()}
     with pytest.raises(pickle.UnpicklingError, match=r"PosixPath|WindowsPath"):
         torch.load(path, weights_only=True)
 
