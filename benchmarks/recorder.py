@@ -33,7 +33,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +323,68 @@ def write_csvs(results: Path, runs: dict[str, dict[str, Any]], prefix: str = "")
     replace_rows(results / f"{prefix}summary.csv", [summary_row(run, rec) for run, rec in runs.items()], names)
     long = [row for run, rec in runs.items() for row in long_rows(run, rec)]
     replace_rows(results / f"{prefix}scalars.csv", long, names, LONG_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------------- figure
+def curve_figure(
+    scalars: Iterable[dict[str, str]],
+    path: Path,
+    group: Callable[[dict[str, str]], str | None],
+    title: str,
+    tag: str = "record/tsm/pointing_game",
+    ylabel: str = "TSM pointing game (128 held-out images)",
+) -> dict[str, int]:
+    """Curves of ``tag`` against the step from long-format rows, one group of runs per colour, with references.
+
+    Every run is a thin line; each group's mean is a thick line over a band from its lowest to its highest run;
+    the random map's and chance's values (``saliency/random/pointing_game``, ``saliency/chance/pointing_game`` at
+    step 0, averaged over the runs drawn) are horizontal lines. ``group(row)`` names a row's group (its legend
+    entry), or ``None`` to leave the run out.
+
+    Returns:
+        ``{group: number of runs}``, in the order drawn.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - matplotlib comes with the dev extra (through mlflow)
+        raise ImportError("the figures need matplotlib: pip install matplotlib (or the dev extra)") from err
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    references: dict[str, dict[str, float]] = {"random": {}, "chance": {}}
+    for row in scalars:
+        name = group(row)
+        if name is None:
+            continue
+        if row["tag"] == tag:
+            curves.setdefault(name, {}).setdefault(row["run"], {})[int(row["step"])] = float(row["value"])
+        elif row["step"] == "0" and row["tag"] in ("saliency/random/pointing_game", "saliency/chance/pointing_game"):
+            references[row["tag"].split("/")[1]][row["run"]] = float(row["value"])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    counts: dict[str, int] = {}
+    for index, (name, runs) in enumerate(curves.items()):
+        colour = f"C{index % 10}"
+        steps = sorted({step for run in runs.values() for step in run})
+        table = [[run[s] for run in runs.values() if s in run] for s in steps]
+        for run in runs.values():
+            ax.plot(sorted(run), [run[s] for s in sorted(run)], color=colour, linewidth=0.6, alpha=0.5)
+        if len(runs) > 1:
+            ax.fill_between(steps, [min(v) for v in table], [max(v) for v in table], color=colour, alpha=0.12)
+        label = f"{name} ({len(runs)} run{'s' * (len(runs) > 1)}{', mean and range' if len(runs) > 1 else ''})"
+        means = [sum(v) / len(v) for v in table]
+        ax.plot(steps, means, color=colour, linewidth=2, marker="o", markersize=3, label=label)
+        counts[name] = len(runs)
+    for name, style, text in (("random", "--", "random map"), ("chance", ":", "chance (mean object area)")):
+        if references[name]:
+            value = sum(references[name].values()) / len(references[name])
+            ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{text} {value:.3f}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return counts

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from recorder import load_record, replace_rows, summary_row, train_and_record, write_csvs
+from recorder import curve_figure, load_record, replace_rows, summary_row, train_and_record, write_csvs
 
 ROOT = Path(__file__).parents[1]
 EVERY_N_STEPS = 15
@@ -81,6 +81,21 @@ def seed_table(summary: Path) -> str:
     return "\n".join(lines)
 
 
+def seed_figure(results: Path) -> Path:
+    """``pointing_game.png`` under ``results``: TSM's pointing game of every seed, with and without background
+    swap (each run, the mean and the range per condition), against the random-map and chance lines."""
+    with (results / "scalars.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    path = results / "pointing_game.png"
+    curve_figure(
+        sorted(rows, key=lambda r: r["swap"] != "True"),
+        path,
+        lambda row: "background swap" if row["swap"] == "True" else "no background swap",
+        "The demo (examples/simclr.py) for every seed: TSM pointing game on the 128-image probe",
+    )
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -93,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--collect-only", action="store_true", help="train nothing: update the CSVs from the records")
     parser.add_argument("--table", action="store_true", help="only print the per-seed table of --results")
+    parser.add_argument("--figure", action="store_true", help="only draw pointing_game.png from the CSVs of --results")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
         "--seed-major", action="store_true", help="order seed by seed (both conditions of a seed, then the next)"
@@ -101,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         print(seed_table(args.results / "summary.csv"))
+        return
+    if args.figure:
+        print(f"Figure: {seed_figure(args.results)}")
         return
     torch.set_num_threads(args.threads)
     order = [(condition, seed) for condition in args.conditions for seed in args.seeds]

@@ -18,6 +18,12 @@ lines) from the CSVs.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssl_matrix.py --runs /work/runs/sweep \\
         --results benchmarks/results/ssl_matrix          # hours of CPU; resumable: run it again to go on
     .venv/bin/python benchmarks/ssl_matrix.py --report     # table and figure from what has finished
+
+A recipe variant of a method (``--variant NAME -- <the example's arguments>``) is recorded as ``<method>+NAME``
+beside the matrix's runs, e.g. the ViT recipes tried for DINO:
+
+    .venv/bin/python benchmarks/ssl_matrix.py --methods dino_vit --seeds 0 --noswap-seeds \\
+        --variant convstem -- --conv-stem
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from recorder import load_record, train_and_record, write_csvs
+from recorder import curve_figure, load_record, train_and_record, write_csvs
 
 ROOT = Path(__file__).parents[1]
 
@@ -65,8 +71,10 @@ def cadence(argv: list[str], example: str) -> int:
 
 def train(args: argparse.Namespace) -> None:
     """Every run of the matrix not recorded yet, method by method; the CSVs updated after each run."""
-    for method in args.methods:
-        example, argv = MATRIX[method]
+    for base in args.methods:
+        example, argv = MATRIX[base]
+        argv = [*argv, *args.extra]
+        method = f"{base}+{args.variant}" if args.variant else base
         plan = [(True, seed) for seed in args.seeds] + [(False, seed) for seed in args.noswap_seeds]
         for swap, seed in plan:
             name = f"{method}_{'swap' if swap else 'noswap'}_seed{seed}"
@@ -144,42 +152,17 @@ def table(summary: list[dict[str, str]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def figure(scalars: list[dict[str, str]], path: Path) -> None:
-    """TSM's pointing game against the step, mean over each method's background-swap seeds, with the random-map
-    and chance lines (means over the same runs)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - matplotlib comes with the dev extra (through mlflow)
-        raise ImportError("the matrix figure needs matplotlib: pip install matplotlib (or the dev extra)") from err
-    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    references: dict[str, list[float]] = defaultdict(list)
-    for row in scalars:
-        if row["swap"] != "True":
-            continue
-        if row["tag"] == "record/tsm/pointing_game":
-            curves[row["method"]][int(row["step"])].append(float(row["value"]))
-        elif row["tag"] in ("saliency/random/pointing_game", "saliency/chance/pointing_game") and row["step"] == "0":
-            references[row["tag"].split("/")[1]].append(float(row["value"]))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for method in [m for m in MATRIX if m in curves] + sorted(set(curves) - set(MATRIX)):
-        steps = sorted(curves[method])
-        means = [statistics.fmean(curves[method][s]) for s in steps]
-        seeds = max(len(v) for v in curves[method].values())
-        ax.plot(steps, means, marker="o", markersize=3, label=f"{method} ({seeds} seed{'s' * (seeds > 1)})")
-    for name, style in (("random", "--"), ("chance", ":")):
-        if references[name]:
-            ax.axhline(statistics.fmean(references[name]), color="black", linestyle=style, label=f"{name} map")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("TSM pointing game (128 held-out images)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("Background swap on TexturedObjects: TSM pointing game per SSL method")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def figure(scalars: list[dict[str, str]], path: Path) -> dict[str, int]:
+    """TSM's pointing game against the step per method (background-swap runs: each seed, their mean and range),
+    with the random-map and chance lines."""
+    order = {method: index for index, method in enumerate(MATRIX)}
+    rows = sorted(scalars, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
+    return curve_figure(
+        rows,
+        path,
+        lambda row: row["method"] if row["swap"] == "True" else None,
+        "Background swap on TexturedObjects: TSM pointing game per SSL method",
+    )
 
 
 def report(results: Path) -> None:
@@ -205,8 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="two steps at tiny sizes (the smoke test)")
     parser.add_argument("--report", action="store_true", help="only write the table and figure from the CSVs")
+    parser.add_argument(
+        "--variant", default="", help="a recipe variant: runs named <method>+<variant>, the arguments after -- added"
+    )
+    parser.add_argument("extra", nargs="*", help="after --: more arguments for every method's example")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.extra and not args.variant:
+        parser.error("arguments after -- change the recipe: name the variant with --variant NAME")
     if not args.report:
         train(args)
     report(args.results)

@@ -97,6 +97,14 @@ def test_seed_sweep_records_every_map_and_resumes(tmp_path):
     )
     line = f"| 3 | yes | {float(row['tsm_pg_init']):.3f} → **{float(row['tsm_pg_end']):.3f}** |"
     assert table.returncode == 0 and line in table.stdout, table.stdout + table.stderr
+    pytest.importorskip("matplotlib")
+    drawn = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seed_sweep.py"), "--figure", "--results", str(results)],
+        capture_output=True,
+        text=True,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert (results / "pointing_game.png").read_bytes()[:4] == b"\x89PNG"
 
     # The method study reads the sweep's model, gives its intervals as CSV, and refuses seeds that did not learn.
     study = [sys.executable, str(ROOT / "benchmarks" / "method_study.py"), "--seeds", "3", "--sweep", str(runs)]
@@ -162,3 +170,19 @@ def test_recorder_rejects_a_bad_cadence_and_an_empty_record():
         Recorder(torch.zeros(1, 3, 8, 8), None, "backbone.7", 0)
     with pytest.raises(RuntimeError, match="took no maps"):
         Recorder(torch.zeros(1, 3, 8, 8), None, "backbone.7", 5).record({}, {})
+
+
+def test_curve_figure_groups_runs_and_leaves_out_what_it_is_told(tmp_path):
+    pytest.importorskip("matplotlib")
+    from recorder import curve_figure
+
+    rows = []
+    for run, swap in (("a", "True"), ("b", "True"), ("c", "False"), ("d", "skip")):
+        for step, value in ((0, 0.2), (10, 0.5 if swap == "True" else 0.1)):
+            tag = "record/tsm/pointing_game"
+            rows.append({"run": run, "swap": swap, "step": str(step), "tag": tag, "value": value})
+        rows.append({"run": run, "swap": swap, "step": "0", "tag": "saliency/random/pointing_game", "value": 0.1})
+    group = {"True": "swap", "False": "no swap"}.get
+    counts = curve_figure(rows, tmp_path / "f.png", lambda r: group(r["swap"]), "title")
+    assert counts == {"swap": 2, "no swap": 1}
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

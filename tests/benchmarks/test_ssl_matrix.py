@@ -42,6 +42,17 @@ def test_quick_matrix_records_every_run_and_reports(tmp_path):
     again = subprocess.run([*command, "--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and "| byol |" in again.stdout
 
+    # A recipe variant runs beside the matrix's runs, under its own name, with its arguments.
+    variant = [*command[:2], "--quick", "--methods", "dino_vit", "--seeds", "0", "--noswap-seeds", "--runs", str(runs)]
+    variant += ["--results", str(results), "--variant", "convstem", "--", "--conv-stem"]
+    done = subprocess.run(variant, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = torch.load(runs / "dino_vit+convstem_swap_seed0" / "record.pt", weights_only=True)
+    assert record["meta"]["method"] == "dino_vit+convstem" and "--conv-stem" in record["meta"]["command"]
+    assert "| dino_vit+convstem | 1 (" in (results / "table.md").read_text()
+    unnamed = subprocess.run([*command, "--", "--lr", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert unnamed.returncode != 0 and "--variant" in unnamed.stderr
+
 
 def test_table_gives_means_and_spread_over_seeds_and_the_control():
     rows = [
