@@ -47,6 +47,7 @@ from lightly.transforms import DINOTransform
 from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 from torch import nn
+from torchvision.models.vision_transformer import ConvStemConfig
 
 from common import ExtraCallbacks, default_layer, make_backbone, parse_args, run
 
@@ -55,22 +56,43 @@ GRID = 8
 
 
 def vit_backbone(
-    image_size: int = 64, num_layers: int = 4, num_heads: int = 4, hidden_dim: int = 128, mlp_dim: int = 256
+    image_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    hidden_dim: int = 128,
+    mlp_dim: int = 256,
+    conv_stem: bool = False,
 ) -> torchvision.models.VisionTransformer:
     """A randomly initialised torchvision ViT on a ``GRID x GRID`` token grid, classifier removed.
 
     ``backbone(images)`` returns the class token after the final LayerNorm, ``(B, hidden_dim)``; block ``i`` is
     ``backbone.encoder.layers.encoder_layer_<i>`` and returns ``(B, 1 + GRID**2, hidden_dim)`` (class token first).
+    With ``conv_stem`` the patchify convolution is replaced by stride-2 3x3 convolutions with BatchNorm and ReLU
+    (one per halving of the side, widths doubling up to ``hidden_dim``) and a 1x1 projection: the convolutional
+    stem of Xiao et al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021), torchvision's
+    ``conv_stem_configs``; it needs a power-of-two patch size.
     """
     if image_size % GRID:
         raise ValueError(f"--image-size must be a multiple of {GRID} (the token grid), got {image_size}.")
+    patch = image_size // GRID
+    stem = None
+    if conv_stem:
+        if patch < 2 or patch & (patch - 1):
+            raise ValueError(
+                f"the convolutional stem halves the side per layer, so the patch size (--image-size / {GRID}) must "
+                f"be a power of two >= 2; got {patch} (--image-size {image_size}); try --image-size 64 or 128."
+            )
+        halvings = patch.bit_length() - 1
+        widths = [max(hidden_dim >> (halvings - i), 8) for i in range(halvings)]
+        stem = [ConvStemConfig(out_channels=width, kernel_size=3, stride=2) for width in widths]
     vit = torchvision.models.VisionTransformer(
         image_size=image_size,
-        patch_size=image_size // GRID,
+        patch_size=patch,
         num_layers=num_layers,
         num_heads=num_heads,
         hidden_dim=hidden_dim,
         mlp_dim=mlp_dim,
+        conv_stem_configs=stem,
     )
     vit.heads = nn.Identity()
     return vit
@@ -100,11 +122,12 @@ class DINO(LightningModule):
         backbone: str = "vit",
         arch: str = "small-resnet",
         stem: str = "cifar",
+        conv_stem: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if backbone == "vit":
-            self.backbone = vit_backbone(image_size, num_layers, num_heads, hidden_dim, mlp_dim)
+            self.backbone = vit_backbone(image_size, num_layers, num_heads, hidden_dim, mlp_dim, conv_stem)
         elif backbone == "resnet":  # DINO with a ResNet (the SSL method matrix): --arch and --stem apply
             self.backbone, hidden_dim = make_backbone(arch, stem)
         else:
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backbone", choices=("vit", "resnet"), default="vit")
+    pre.add_argument("--conv-stem", action="store_true", help="ViT: convolutional stem instead of patchify")
     known, argv = pre.parse_known_args(argv)
     args = parse_args(
         __doc__,
@@ -204,7 +228,14 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     )
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
     resnet = known.backbone == "resnet"
-    model = DINO(image_size=args.image_size, lr=args.lr, backbone=known.backbone, arch=args.arch, stem=args.stem)
+    model = DINO(
+        image_size=args.image_size,
+        lr=args.lr,
+        backbone=known.backbone,
+        arch=args.arch,
+        stem=args.stem,
+        conv_stem=known.conv_stem,
+    )
     transform = dino_transform(args.image_size, local_crop_size=args.image_size // 2 if resnet else None)
     name = "dino_resnet" if resnet else "dino_vit"
     return run(model, transform, args, name=name, layer=model.monitored_layer, extra_callbacks=extra_callbacks)
