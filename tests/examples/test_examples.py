@@ -140,3 +140,18 @@ def test_quickstart_runs(capsys, monkeypatch):
     assert "Explained 2 images of 64px" in out
     for name in ("eigencam", "tsm", "multivec_eigencam", "mtsm"):
         assert f"{name} " in out
+
+
+def test_vit_conv_stem_keeps_the_token_grid_and_refuses_a_patch_it_cannot_halve_to():
+    from dino_vit import GRID, vit_backbone
+
+    vit = vit_backbone(64, conv_stem=True)
+    strides = [m.stride for m in vit.conv_proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2), (2, 2), (2, 2), (1, 1)]  # 64 px -> 8x8 tokens in three halvings, then 1x1
+    tokens = []
+    handle = vit.encoder.layers[-1].register_forward_hook(lambda m, i, o: tokens.append(o))
+    vit(torch.randn(2, 3, 64, 64))
+    handle.remove()
+    assert tokens[0].shape == (2, 1 + GRID**2, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        vit_backbone(48, conv_stem=True)  # 6 px patches
