@@ -21,11 +21,11 @@ demo-shortcut: $(STAMP)  ## the same run without background swap, into the same 
 bench: $(STAMP)  ## speed benchmarks (about 8 min on 2 CPU cores)
 	$(BIN)/python benchmarks/run_all.py
 
-seed-sweep: $(STAMP)  ## the demo for seeds 0-4, with and without background swap (about an hour; resumable)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/seed_sweep.py --seed-major --runs runs/sweep
+seed-sweep: $(STAMP)  ## the demo for seeds 0-4, with and without background swap (about 50 min; resumable)
+	$(BIN)/python benchmarks/seed_sweep.py --seed-major --runs runs/sweep
 
 matrix: $(STAMP)  ## the SSL method matrix: 8 methods x 3 seeds + no-swap controls (hours of CPU; resumable)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/ssl_matrix.py --runs runs/sweep
+	$(BIN)/python benchmarks/ssl_matrix.py --runs runs/sweep
 
 test: $(STAMP)  ## ruff, mypy over the package, the whole test suite
 	$(BIN)/ruff check tsm_lightning tests examples benchmarks

@@ -15,7 +15,7 @@ init and at the end, the random map and chance, loss, spread and effective rank,
 spread over seeds) and ``pointing_game.png`` (TSM's pointing game per method against the random-map and chance
 lines) from the CSVs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssl_matrix.py --runs /work/runs/sweep \\
+    .venv/bin/python benchmarks/ssl_matrix.py --runs runs/sweep \\
         --results benchmarks/results/ssl_matrix          # hours of CPU; resumable: run it again to go on
     .venv/bin/python benchmarks/ssl_matrix.py --report     # table and figure from what has finished
 
@@ -183,9 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=tuple(MATRIX), default=list(MATRIX))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="background-swap seeds")
     parser.add_argument("--noswap-seeds", type=int, nargs="*", default=[0], help="seeds of the no-swap control")
-    parser.add_argument("--runs", type=Path, default=Path("/work/runs/sweep"), help="records and TensorBoard logs")
+    parser.add_argument("--runs", type=Path, default=Path("runs/sweep"), help="records and TensorBoard logs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_matrix")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: torch's, as in make demo)"
+    )
     parser.add_argument("--quick", action="store_true", help="two steps at tiny sizes (the smoke test)")
     parser.add_argument("--report", action="store_true", help="only write the table and figure from the CSVs")
     parser.add_argument(
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("extra", nargs="*", help="after --: more arguments for every method's example")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.extra and not args.variant:
         parser.error("arguments after -- change the recipe: name the variant with --variant NAME")
     if not args.report:
