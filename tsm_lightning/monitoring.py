@@ -35,12 +35,16 @@ __all__ = [
     "collapse_scalars",
     "display_tiles",
     "fresh_copy",
+    "fresh_init_scalars",
     "localization_references",
     "per_image_metrics",
     "pictures",
     "scalars",
-    "stability_references",
+    "spread_warning",
 ]
+
+FRESH_INIT_METRICS = ("entropy", "gini", "spread")
+"""Label-free metrics also computed on a freshly initialised network's maps, as their reference lines."""
 
 
 def display_tiles(
@@ -198,9 +202,49 @@ def fresh_copy(module: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def stability_references(fresh: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> dict[str, float]:
-    """``saliency/fresh_init_<method>/stability_first``: the first maps against a fresh initialisation's maps."""
-    return {
-        f"saliency/fresh_init_{name}/stability_first": float(pearson(m, first[name].to(m.device)).nanmean())
-        for name, m in fresh.items()
-    }
+def fresh_init_scalars(fresh: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> dict[str, float]:
+    """The fresh-initialisation reference lines, ``saliency/fresh_init_<method>/<metric>``.
+
+    ``stability_first``: the first maps against a freshly initialised network's (what the series reads once the
+    maps have nothing in common with the first ones but the architecture); ``entropy``, ``gini``, ``spread``
+    (:data:`FRESH_INIT_METRICS`): those of the fresh network's maps, means over the probe (where a model's maps
+    start before training has shaped them).
+
+    Args:
+        fresh: ``{method: (B, h, w)}`` maps of the freshly initialised copy.
+        first: ``{method: (B, h, w)}`` maps of the first run.
+    """
+    out = {}
+    for name, values in summarize(map_metrics(dict(fresh))).items():
+        if name in fresh:
+            out.update({f"saliency/fresh_init_{name}/{metric}": values[metric] for metric in FRESH_INIT_METRICS})
+    for name, m in fresh.items():
+        out[f"saliency/fresh_init_{name}/stability_first"] = float(pearson(m, first[name].to(m.device)).nanmean())
+    return out
+
+
+def spread_warning(scalars: Mapping[str, float], methods: Sequence[str]) -> str | None:
+    """The end-of-training warning: the maps ended more spread out than a freshly initialised network's.
+
+    Judged on TSM if it is among ``methods``, else on the first of them, with both ``saliency/<method>/spread``
+    and its fresh-init reference in ``scalars``. In the controlled runs of ``benchmarks/label_free_study.py`` (the
+    README's "What to watch without masks") this happened at the last step of the runs that learned the background
+    and of none that learned the object; the rule fits no threshold (the reference is the architecture's own), but
+    it was measured on one synthetic dataset and small models only.
+
+    Returns:
+        The message, or ``None`` when the maps ended more compact than the reference or nothing can be judged.
+    """
+    for name in sorted(methods, key=lambda name: name != "tsm"):
+        value, reference = scalars.get(f"saliency/{name}/spread"), scalars.get(f"saliency/fresh_init_{name}/spread")
+        if value is None or reference is None:
+            continue
+        if value <= reference:
+            return None
+        return (
+            f"SaliencyMonitor: at the end of training the {name} maps are more spread out than a freshly "
+            f"initialised network's (saliency/{name}/spread {value:.3f} > reference {reference:.3f}). In controlled "
+            "runs this happened when the model had learned the background rather than the objects: look at the "
+            f"saliency/{name} pictures. (Pass metrics=MetricOptions(spread_warning=False) to silence this.)"
+        )
+    return None

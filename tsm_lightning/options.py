@@ -122,10 +122,16 @@ class MetricOptions:
         embed_fn: ``embed_fn(images) -> (B, D)`` embedding for the faithfulness metrics; default: the monitored
             forward's output (the pooled backbone output for ``"backbone.*"`` layers), flattened.
         stability_reference: once, at the first run, compute the maps of an independently initialised copy of the
-            monitored network and log their correlation with the first maps as
-            ``saliency/fresh_init_<method>/stability_first``: the value ``stability_first`` takes when the maps
-            have nothing in common with the first ones but the architecture. Needs the default forward rule (no
+            monitored network and log, as reference lines, their correlation with the first maps as
+            ``saliency/fresh_init_<method>/stability_first`` (the value ``stability_first`` takes when the maps
+            have nothing in common with the first ones but the architecture) and their own ``entropy``, ``gini``
+            and ``spread`` as ``saliency/fresh_init_<method>/<metric>``. Needs the default forward rule (no
             ``forward_fn``).
+        spread_warning: when training ends, warn if the maps ended more spread out than the fresh-init copy's
+            (``saliency/<method>/spread`` above ``saliency/fresh_init_<method>/spread``, judged on the first
+            method, TSM by default): in the controlled runs of the README's "What to watch without masks" that
+            happened to the models that learned the background and to none that learned the objects. Needs
+            ``stability_reference``.
     """
 
     enabled: bool = True
@@ -133,9 +139,10 @@ class MetricOptions:
     faithfulness_steps: int = 8
     embed_fn: Callable[[Tensor], Tensor] | None = None
     stability_reference: bool = True
+    spread_warning: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "stability_reference"):
+        for name in ("enabled", "stability_reference", "spread_warning"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MetricOptions.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.faithfulness_every_n_runs is not None:

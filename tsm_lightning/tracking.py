@@ -41,11 +41,11 @@ from tsm_lightning.monitoring import (
     collapse_scalars,
     display_tiles,
     fresh_copy,
+    fresh_init_scalars,
     localization_references,
     per_image_metrics,
     pictures,
     scalars,
-    stability_references,
 )
 from tsm_lightning.options import DisplayOptions, MapOptions, MetricOptions
 from tsm_lightning.pipeline import Captured, attention_module, capture_features, maps_of
@@ -333,7 +333,10 @@ class Tracker:
         return scalars(per_image, {**collapse, **self.references})
 
     def fresh_init_references(self, model: nn.Module, first: Mapping[str, Tensor]) -> dict[str, float]:
-        """``stability_first`` of an independently initialised copy of the monitored network.
+        """Reference lines from an independently initialised copy of the monitored network.
+
+        ``saliency/fresh_init_<method>/stability_first`` (the first maps against the copy's) and the copy's own
+        ``entropy``, ``gini`` and ``spread`` (:func:`~tsm_lightning.monitoring.fresh_init_scalars`).
 
         ``{}`` when the forward is user-defined, the layer sits directly under the model, or the parameters are
         sharded: there is no copy to make of those.
@@ -348,7 +351,7 @@ class Tracker:
         forward = functools.partial(call_network, fresh)  # called as the monitored network is
         features, _, heads = self._capture(fresh, layer.split(".", 1)[1], forward, fresh, inner)
         del fresh
-        return stability_references(self.maps(features, heads)[1], first)
+        return fresh_init_scalars(self.maps(features, heads)[1], first)
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

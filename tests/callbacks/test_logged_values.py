@@ -21,6 +21,7 @@ from reference_paths import svd_tsm_mtsm
 from tests.lightning_helpers import TinySimSiam, loader, trainer_kwargs
 from tsm_lightning import DisplayOptions, Probe, SaliencyMonitor
 from tsm_lightning.metrics import random_maps
+from tsm_lightning.monitoring import fresh_copy
 
 LAYER = "backbone.5"
 SIZE, COUNT, SHOWN, EVERY, STEPS = 16, 12, 3, 2, 6
@@ -101,8 +102,21 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b, strict=True)]))
 
 
+def _spread(maps: np.ndarray) -> np.ndarray:
+    # Standard deviation of the mass's position (pixel centres in (0, 1)) over a uniform map's, per map.
+    out = []
+    for m in maps:
+        p = np.clip(m, 0, None) / np.clip(m, 0, None).sum()
+        h, w = p.shape
+        ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+        py, px = p.sum(axis=1), p.sum(axis=0)
+        var = (py * ys**2).sum() - (py * ys).sum() ** 2 + (px * xs**2).sum() - (px * xs).sum() ** 2
+        out.append(np.sqrt(var / ((1 - 1 / h**2) / 12 + (1 - 1 / w**2) / 12)))
+    return np.array(out)
+
+
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("values")
     images = torch.randn(COUNT, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     masks = _masks()
@@ -121,7 +135,12 @@ def logged(tmp_path_factory):
     trainer = Trainer(callbacks=[monitor, tap], **trainer_kwargs(tmp_path, logger=False, max_steps=STEPS))
     trainer.fit(model, loader())
     tsm = {step: svd_tsm_mtsm(features.double().numpy())[0] for step, features in tap.features.items()}
-    return sink.scalars, tsm, masks.numpy()
+    return sink.scalars, tsm, masks.numpy(), model, images
+
+
+@pytest.fixture(scope="module")
+def logged(fitted):
+    return fitted[:3]
 
 
 def test_every_run_reached_the_users_sink(logged):
@@ -170,3 +189,25 @@ def test_stability_is_against_the_previous_and_the_first_run(logged):
         assert scalars[step]["saliency/tsm/stability_first"] == pytest.approx(_pearson(tsm[step], tsm[0]), abs=1e-5)
     # The maps moved: previous and first differ at the last run, so the two series can be told apart.
     assert abs(_pearson(tsm[STEPS], tsm[steps[-2]]) - _pearson(tsm[STEPS], tsm[0])) > 1e-3
+
+
+def test_spread_is_the_mean_over_every_probe_image(logged):
+    scalars, tsm, _ = logged
+    for step, maps in tsm.items():
+        assert scalars[step]["saliency/tsm/spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
+    assert abs(_spread(tsm[STEPS]).mean() - _spread(tsm[STEPS][:SHOWN]).mean()) > 1e-3  # shown != whole probe
+
+
+def test_fresh_init_references_are_those_of_a_freshly_initialised_copy(fitted):
+    # The monitor's copy: the monitored network (the backbone) reset under seed + 1 (the monitor's seed is 0).
+    scalars, tsm, _, model, images = fitted
+    fresh = fresh_copy(model.backbone, 1).eval()
+    seen = []
+    fresh.get_submodule(LAYER.split(".", 1)[1]).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        fresh(images)
+    maps = svd_tsm_mtsm(seen[0].double().numpy())[0]
+    for values in scalars.values():  # one value, at every run
+        assert values["saliency/fresh_init_tsm/spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
+        assert values["saliency/fresh_init_tsm/stability_first"] == pytest.approx(_pearson(maps, tsm[0]), abs=1e-5)
+    assert _spread(maps).mean() != pytest.approx(_spread(tsm[0]).mean(), abs=1e-3)  # not the model's own maps

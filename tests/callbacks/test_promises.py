@@ -5,6 +5,7 @@ warning into an error), so a test cannot pass because the monitor failed and onl
 """
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,33 @@ def test_fresh_init_reference_uses_a_copy_with_new_weights(tmp_path):
     _fit(tmp_path, monitor, model=model, logger=False, max_steps=1)
     values = [monitor.tracker.references[f"saliency/fresh_init_{name}/stability_first"] for name in METHODS]
     assert max(values) < 0.99
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_end_of_training_warns_when_the_maps_end_more_spread_than_a_fresh_network(tmp_path, monkeypatch, enabled):
+    import tsm_lightning.tracking as tracking
+
+    real = tracking.fresh_init_scalars
+
+    # A fresh-init reference below any real spread: the last run's maps are "more spread out" than it.
+    def low_reference(fresh, first):
+        return {**real(fresh, first), "saliency/fresh_init_tsm/spread": 0.0}
+
+    monkeypatch.setattr(tracking, "fresh_init_scalars", low_reference)
+    monitor = SaliencyMonitor(
+        torch.randn(8, 3, 16, 16),
+        layer=LAYER,
+        every_n_steps=3,
+        metrics=MetricOptions(spread_warning=enabled),
+        strict=True,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, monitor, logger=False, max_steps=3)
+    messages = [str(w.message) for w in caught if "more spread out" in str(w.message)]
+    assert len(messages) == (1 if enabled else 0)  # once, at the end of training
+    if enabled:
+        assert "the tsm maps" in messages[0] and "> reference 0.000" in messages[0]
 
 
 # ------------------------------------------------------------------------------------------------ RNG and autocast

@@ -22,6 +22,7 @@ from tsm_lightning.callbacks.sharding import Sharding, describe_failures, detect
 from tsm_lightning.capture import ForwardFn, get_layer
 from tsm_lightning.checks import check_positive_int
 from tsm_lightning.constants import METHODS
+from tsm_lightning.monitoring import spread_warning
 from tsm_lightning.options import DisplayOptions, MapOptions, MetricOptions
 from tsm_lightning.pipeline import Captured
 from tsm_lightning.probe import Probe, ProbeFn, check_probe_source
@@ -144,6 +145,7 @@ class SaliencyMonitorMixin:
             layer, methods, forward_fn=forward_fn, display=display, maps=maps, metrics=metrics, seed=seed
         )
         self.last_logged_step: int | None = None
+        self._last_scalars: dict[str, float] | None = None  # of the last run, for the end-of-training warning
         self._last_attempted_step: int | None = None
         self._told_samples_per_plugin = False
         self._writer: tuple[object, BackgroundWriter] | None = None
@@ -259,9 +261,17 @@ class SaliencyMonitorMixin:
             self._run_guarded(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Log the final state once, unless this step was just logged (or just failed to be)."""
+        """Log the final state once, unless this step was just logged (or just failed to be).
+
+        Then warn if the last maps are more spread out than a fresh initialisation's
+        (``MetricOptions.spread_warning``).
+        """
         if "end" in self.log_on_fit and self._runs_here(trainer) and trainer.global_step != self._last_attempted_step:
             self._run_guarded(trainer, pl_module)
+        if self.tracker.metric_options.spread_warning and self._last_scalars is not None:
+            message = spread_warning(self._last_scalars, self.tracker.methods)
+            if message is not None:
+                warnings.warn(message, UserWarning, stacklevel=2)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Write what was computed before training failed, without hiding the training's own error."""
@@ -340,6 +350,7 @@ class SaliencyMonitorMixin:
             warnings.warn(f"SaliencyMonitor: {err}", RuntimeWarning, stacklevel=3)
         result = self.tracker.run(pl_module, trainer.global_step, captured)
         self.last_logged_step = result.step
+        self._last_scalars = result.scalars
         writer.submit(result.pictures, result.scalars, result.step)
         return result
 

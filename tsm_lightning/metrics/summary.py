@@ -15,6 +15,7 @@ from tsm_lightning.metrics.agreement import pearson, stability
 from tsm_lightning.metrics.complexity import gini, map_entropy
 from tsm_lightning.metrics.faithfulness import check_map_dict
 from tsm_lightning.metrics.localization import localization_metrics
+from tsm_lightning.metrics.shape import mass_spread
 from tsm_lightning.metrics.spectra import spectral_metrics
 
 __all__ = ["FEATURES", "map_metrics", "summarize"]
@@ -35,7 +36,9 @@ def map_metrics(
 ) -> dict[str, dict[str, Tensor]]:
     """The cheap metrics (no model call) for every method, per image.
 
-    Per method: ``entropy`` (:func:`map_entropy`), ``gini`` (:func:`gini`); with ``masks``: ``pointing_game``,
+    Per method: ``entropy`` (:func:`map_entropy`), ``gini`` (:func:`gini`), ``spread``
+    (:func:`~tsm_lightning.metrics.mass_spread`: how far the map's mass spreads around its centre, 1 for a uniform
+    map); with ``masks``: ``pointing_game``,
     ``energy_in_mask``, ``mask_iou`` (at ``threshold``); with ``previous`` / ``first`` (maps logged at the previous
     / first logging step): ``stability_prev`` / ``stability_first`` (:func:`pearson`; a method missing from those
     dicts is skipped, and so, with a ``RuntimeWarning``, is one whose stored maps have another shape); with several
@@ -64,7 +67,7 @@ def map_metrics(
     names = list(maps)
     results: dict[str, dict[str, Tensor]] = {}
     for name, m in maps.items():
-        values: dict[str, Tensor] = {"entropy": map_entropy(m), "gini": gini(m)}
+        values: dict[str, Tensor] = {"entropy": map_entropy(m), "gini": gini(m), "spread": mass_spread(m)}
         if masks is not None:
             values.update(localization_metrics(m, masks, threshold))
         for key, stored in (("stability_prev", previous), ("stability_first", first)):
