@@ -88,6 +88,8 @@ SHAPE = {
 }
 """Shape statistics of one batch of maps, computed per map and step (and on the fresh-init maps as reference)."""
 DELTA = ":delta"
+RULE_MAPS = ("tsm", "eigencam", "multivec_eigencam", "mtsm", "attention")
+"""Maps the end-of-training spread rule is evaluated on (:func:`spread_rule`)."""
 FIGURE_SERIES = (
     "saliency/tsm/entropy",
     "saliency/eigencam/agreement_tsm",
@@ -667,6 +669,59 @@ def figure(runs: list[Run], rows: list[dict[str, object]], path: Path, opts: Opt
     plt.close(fig)
 
 
+RULE_FIELDS = ("run", "method", "seed", "swap", "map", "final_step", "spread", "fresh_init_spread", "flagged")
+RULE_FIELDS += ("pointing_game_end", "flagged_from_half")
+
+
+def spread_rule(runs: Sequence[Run]) -> list[dict[str, object]]:
+    """The monitor's end-of-training warning on every run: ``spread`` at the last step above the fresh-init maps'.
+
+    One row per (run, map) with both series: the final spread, the fresh-init reference (the recorder's
+    independently initialised network), ``flagged`` (the warning would fire), TSM's final pointing game, and
+    ``flagged_from_half``: the share of the logged steps in the second half of the run at which the rule holds.
+    """
+    rows = []
+    for run in runs:
+        for name in RULE_MAPS:
+            tag = f"shape/{name}/mass_spread"
+            series, reference = run.values.get(tag), run.reference.get(tag)
+            if not series or reference is None:
+                continue
+            last = max(series)
+            half = [series[s] > reference for s in series if s >= last / 2]
+            rows.append(
+                {
+                    "run": run.name,
+                    "method": run.method,
+                    "seed": run.seed,
+                    "swap": run.swap,
+                    "map": name,
+                    "final_step": last,
+                    "spread": round(series[last], 4),
+                    "fresh_init_spread": round(reference, 4),
+                    "flagged": series[last] > reference,
+                    "pointing_game_end": round(run.values[TARGET].get(last, math.nan), 4),
+                    "flagged_from_half": round(sum(half) / len(half), 3),
+                }
+            )
+    return rows
+
+
+def rule_summary(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, str]]:
+    """Per map: how many no-swap runs the rule flags, and how many background-swap runs, as ``"k/n"``."""
+    out: dict[str, dict[str, str]] = {}
+    for name in RULE_MAPS:
+        mine = [r for r in rows if r["map"] == name]
+        if mine:
+            noswap = [r for r in mine if not r["swap"]]
+            swap = [r for r in mine if r["swap"]]
+            out[name] = {
+                "flagged_noswap": f"{sum(bool(r['flagged']) for r in noswap)}/{len(noswap)}",
+                "flagged_swap": f"{sum(bool(r['flagged']) for r in swap)}/{len(swap)}",
+            }
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=Path, default=ROOT / "runs" / "sweep", help="folder searched for record.pt")
@@ -738,6 +793,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         "holds": [r["tag"] for r in rows if r["group"] == "all" and r["verdict"] == "holds"],
         "failed_on_heldout": [r["tag"] for r in rows if r["group"] == "all" and r["verdict"] == "failed on held-out"],
     }
+    rule = spread_rule(runs)
+    with (args.output / "spread_rule.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RULE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rule)
+    summary["spread_rule"] = rule_summary(rule)
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     conditions = f"{sum(r.swap for r in runs)} swap, {sum(not r.swap for r in runs)} no-swap"
     print(f"Label-free study: {len(runs)} runs ({conditions}), split {split}, {summary['date']}\n  {command}\n")

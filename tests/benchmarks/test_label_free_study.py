@@ -274,3 +274,36 @@ def test_errors_say_what_to_pass(tmp_path, capsys):
             ["--records", str(tmp_path), "--output", str(tmp_path), "--train-seeds", "0", "--heldout-seeds", "0"]
         )
     assert "must not overlap" in capsys.readouterr().err
+
+
+def _numpy_spread(m: np.ndarray) -> float:
+    # Std of the mass's position (pixel centres in (0, 1)) over a uniform map's, mean over the batch.
+    out = []
+    for x in m:
+        p = x / x.sum()
+        h, w = p.shape
+        ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+        py, px = p.sum(axis=1), p.sum(axis=0)
+        var = (py * ys**2).sum() - (py * ys).sum() ** 2 + (px * xs**2).sum() - (px * xs).sum() ** 2
+        out.append(np.sqrt(var / ((1 - 1 / h**2) / 12 + (1 - 1 / w**2) / 12)))
+    return float(np.mean(out))
+
+
+def test_spread_rule_compares_the_last_spread_with_the_fresh_maps(records, result):
+    _, out, _ = result
+    rows = list(csv.DictReader((out / "spread_rule.csv").open()))
+    assert len(rows) == 10 and {r["map"] for r in rows} == {"tsm"}
+    for row in rows:
+        record = torch.load(records / row["run"] / "record.pt", weights_only=True)
+        last = max(record["steps"])
+        spread = _numpy_spread(record["maps"][last]["tsm"].float().numpy())
+        reference = _numpy_spread(record["fresh_maps"]["tsm"].float().numpy())
+        assert float(row["spread"]) == pytest.approx(spread, abs=1e-4)
+        assert float(row["fresh_init_spread"]) == pytest.approx(reference, abs=1e-4)
+        assert row["flagged"] == str(spread > reference) and row["final_step"] == str(last)
+        half = [_numpy_spread(record["maps"][s]["tsm"].float().numpy()) > reference for s in record["steps"]]
+        half = [h for s, h in zip(record["steps"], half, strict=True) if s >= last / 2]
+        assert float(row["flagged_from_half"]) == pytest.approx(sum(half) / len(half), abs=1e-3)
+    summary = json.loads((out / "summary.json").read_text())["spread_rule"]["tsm"]
+    noswap = [r for r in rows if r["swap"] == "False"]
+    assert summary["flagged_noswap"] == f"{sum(r['flagged'] == 'True' for r in noswap)}/{len(noswap)}"
