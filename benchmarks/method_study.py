@@ -24,7 +24,7 @@ when its interval excludes 0. ``--sweep`` takes the models of ``benchmarks/seed_
 (``<sweep>/simclr_swap_seed<k>``), and ``--learned-only`` keeps the seeds whose run met the criterion of issue 21
 (``learned`` in the sweep's ``summary.csv``); ``--results`` writes the means and the intervals as CSV:
 
-    .venv/bin/python benchmarks/method_study.py --seeds 0 1 2 3 4 --sweep /work/runs/sweep --learned-only \\
+    .venv/bin/python benchmarks/method_study.py --seeds 0 1 2 3 4 --sweep runs/sweep --learned-only \\
         --summary benchmarks/results/seed_sweep/summary.csv --results benchmarks/results/method_study
 """
 
