@@ -496,7 +496,7 @@ def test_map_metrics_keys_stability_and_agreement():
     per = map_metrics(maps, masks=square_masks(), previous=maps, first={"tsm": 1 - maps["tsm"]}, features=feats)
     assert set(per) == {"tsm", "eigencam", "features"}
     assert set(per["tsm"]) == {
-        "entropy", "gini", "spread", "pointing_game", "energy_in_mask", "mask_iou",
+        "entropy", "gini", "mass_spread", "pointing_game", "energy_in_mask", "mask_iou",
         "stability_prev", "stability_first", "agreement_eigencam",
     }  # fmt: skip
     assert "stability_first" not in per["eigencam"]
@@ -504,7 +504,7 @@ def test_map_metrics_keys_stability_and_agreement():
     assert per["tsm"]["stability_first"].tolist() == pytest.approx([-1.0] * 3, abs=1e-6)
     assert torch.equal(per["tsm"]["agreement_eigencam"], pearson(maps["tsm"], maps["eigencam"]))
     assert torch.equal(per["eigencam"]["agreement_tsm"], per["tsm"]["agreement_eigencam"])
-    assert torch.equal(per["tsm"]["spread"], mass_spread(maps["tsm"]))
+    assert torch.equal(per["tsm"]["mass_spread"], mass_spread(maps["tsm"]))
     assert torch.allclose(per["features"]["spectral_concentration_centred"], spectral_concentration(feats, True))
     assert all(v.shape == (3,) and v.dtype == torch.float32 for d in per.values() for v in d.values())
     with pytest.warns(RuntimeWarning, match="stability_prev"):

@@ -36,14 +36,14 @@ def test_fresh_copy_leaves_constant_parameters_constant():
 def test_spread_warning_compares_the_last_spread_with_the_fresh_init_one():
     from tsm_lightning.monitoring import spread_warning
 
-    scalars = {"saliency/tsm/spread": 0.89, "saliency/fresh_init_tsm/spread": 0.85}
+    scalars = {"saliency/tsm/mass_spread": 0.89, "saliency/fresh_init_tsm/mass_spread": 0.85}
     message = spread_warning(scalars, ["tsm"])
     assert message is not None and "0.890 > reference 0.850" in message and "spread_warning=False" in message
-    assert spread_warning({**scalars, "saliency/tsm/spread": 0.80}, ["tsm"]) is None  # more compact: fine
-    assert spread_warning({**scalars, "saliency/tsm/spread": 0.85}, ["tsm"]) is None  # equal: not more spread
-    assert spread_warning({"saliency/tsm/spread": 0.89}, ["tsm"]) is None  # no reference: nothing to judge
+    assert spread_warning({**scalars, "saliency/tsm/mass_spread": 0.80}, ["tsm"]) is None  # more compact: fine
+    assert spread_warning({**scalars, "saliency/tsm/mass_spread": 0.85}, ["tsm"]) is None  # equal: not more spread
+    assert spread_warning({"saliency/tsm/mass_spread": 0.89}, ["tsm"]) is None  # no reference: nothing to judge
     # TSM is judged when present, whatever the order; otherwise the first method with both series.
-    both = {**scalars, "saliency/eigencam/spread": 0.5, "saliency/fresh_init_eigencam/spread": 0.85}
+    both = {**scalars, "saliency/eigencam/mass_spread": 0.5, "saliency/fresh_init_eigencam/mass_spread": 0.85}
     assert "the tsm maps" in spread_warning(both, ["eigencam", "tsm"])
     assert spread_warning(both, ["eigencam"]) is None
-    assert "the eigencam maps" in spread_warning({**both, "saliency/eigencam/spread": 0.9}, ["eigencam", "mtsm"])
+    assert "the eigencam maps" in spread_warning({**both, "saliency/eigencam/mass_spread": 0.9}, ["eigencam", "mtsm"])

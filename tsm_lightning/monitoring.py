@@ -43,7 +43,7 @@ __all__ = [
     "spread_warning",
 ]
 
-FRESH_INIT_METRICS = ("entropy", "gini", "spread")
+FRESH_INIT_METRICS = ("entropy", "gini", "mass_spread")
 """Label-free metrics also computed on a freshly initialised network's maps, as their reference lines."""
 
 
@@ -206,7 +206,7 @@ def fresh_init_scalars(fresh: Mapping[str, Tensor], first: Mapping[str, Tensor])
     """The fresh-initialisation reference lines, ``saliency/fresh_init_<method>/<metric>``.
 
     ``stability_first``: the first maps against a freshly initialised network's (what the series reads once the
-    maps have nothing in common with the first ones but the architecture); ``entropy``, ``gini``, ``spread``
+    maps have nothing in common with the first ones but the architecture); ``entropy``, ``gini``, ``mass_spread``
     (:data:`FRESH_INIT_METRICS`): those of the fresh network's maps, means over the probe (where a model's maps
     start before training has shaped them).
 
@@ -226,7 +226,7 @@ def fresh_init_scalars(fresh: Mapping[str, Tensor], first: Mapping[str, Tensor])
 def spread_warning(scalars: Mapping[str, float], methods: Sequence[str]) -> str | None:
     """The end-of-training warning: the maps ended more spread out than a freshly initialised network's.
 
-    Judged on TSM if it is among ``methods``, else on the first of them, with both ``saliency/<method>/spread``
+    Judged on TSM if it is among ``methods``, else on the first of them, with both ``saliency/<method>/mass_spread``
     and its fresh-init reference in ``scalars``. In the controlled runs of ``benchmarks/label_free_study.py`` (the
     README's "What to watch without masks") this happened at the last step of the runs that learned the background
     and of none that learned the object; the rule fits no threshold (the reference is the architecture's own), but
@@ -236,15 +236,16 @@ def spread_warning(scalars: Mapping[str, float], methods: Sequence[str]) -> str 
         The message, or ``None`` when the maps ended more compact than the reference or nothing can be judged.
     """
     for name in sorted(methods, key=lambda name: name != "tsm"):
-        value, reference = scalars.get(f"saliency/{name}/spread"), scalars.get(f"saliency/fresh_init_{name}/spread")
+        value = scalars.get(f"saliency/{name}/mass_spread")
+        reference = scalars.get(f"saliency/fresh_init_{name}/mass_spread")
         if value is None or reference is None:
             continue
         if value <= reference:
             return None
         return (
             f"SaliencyMonitor: at the end of training the {name} maps are more spread out than a freshly "
-            f"initialised network's (saliency/{name}/spread {value:.3f} > reference {reference:.3f}). In controlled "
-            "runs this happened when the model had learned the background rather than the objects: look at the "
-            f"saliency/{name} pictures. (Pass metrics=MetricOptions(spread_warning=False) to silence this.)"
+            f"initialised network's (saliency/{name}/mass_spread {value:.3f} > reference {reference:.3f}). In "
+            "controlled runs this happened when the model had learned the background rather than the objects: look "
+            f"at the saliency/{name} pictures. (Pass metrics=MetricOptions(spread_warning=False) to silence this.)"
         )
     return None

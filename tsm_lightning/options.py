@@ -125,10 +125,10 @@ class MetricOptions:
             monitored network and log, as reference lines, their correlation with the first maps as
             ``saliency/fresh_init_<method>/stability_first`` (the value ``stability_first`` takes when the maps
             have nothing in common with the first ones but the architecture) and their own ``entropy``, ``gini``
-            and ``spread`` as ``saliency/fresh_init_<method>/<metric>``. Needs the default forward rule (no
+            and ``mass_spread`` as ``saliency/fresh_init_<method>/<metric>``. Needs the default forward rule (no
             ``forward_fn``).
         spread_warning: when training ends, warn if the maps ended more spread out than the fresh-init copy's
-            (``saliency/<method>/spread`` above ``saliency/fresh_init_<method>/spread``, judged on the first
+            (``saliency/<method>/mass_spread`` above ``saliency/fresh_init_<method>/mass_spread``, judged on the first
             method, TSM by default): in the controlled runs of the README's "What to watch without masks" that
             happened to the models that learned the background and to none that learned the objects. Needs
             ``stability_reference``.

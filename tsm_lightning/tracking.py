@@ -336,7 +336,7 @@ class Tracker:
         """Reference lines from an independently initialised copy of the monitored network.
 
         ``saliency/fresh_init_<method>/stability_first`` (the first maps against the copy's) and the copy's own
-        ``entropy``, ``gini`` and ``spread`` (:func:`~tsm_lightning.monitoring.fresh_init_scalars`).
+        ``entropy``, ``gini`` and ``mass_spread`` (:func:`~tsm_lightning.monitoring.fresh_init_scalars`).
 
         ``{}`` when the forward is user-defined, the layer sits directly under the model, or the parameters are
         sharded: there is no copy to make of those.

@@ -194,7 +194,7 @@ def test_stability_is_against_the_previous_and_the_first_run(logged):
 def test_spread_is_the_mean_over_every_probe_image(logged):
     scalars, tsm, _ = logged
     for step, maps in tsm.items():
-        assert scalars[step]["saliency/tsm/spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
+        assert scalars[step]["saliency/tsm/mass_spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
     assert abs(_spread(tsm[STEPS]).mean() - _spread(tsm[STEPS][:SHOWN]).mean()) > 1e-3  # shown != whole probe
 
 
@@ -208,6 +208,6 @@ def test_fresh_init_references_are_those_of_a_freshly_initialised_copy(fitted):
         fresh(images)
     maps = svd_tsm_mtsm(seen[0].double().numpy())[0]
     for values in scalars.values():  # one value, at every run
-        assert values["saliency/fresh_init_tsm/spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
+        assert values["saliency/fresh_init_tsm/mass_spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
         assert values["saliency/fresh_init_tsm/stability_first"] == pytest.approx(_pearson(maps, tsm[0]), abs=1e-5)
     assert _spread(maps).mean() != pytest.approx(_spread(tsm[0]).mean(), abs=1e-3)  # not the model's own maps

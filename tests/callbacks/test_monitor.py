@@ -303,6 +303,14 @@ def test_masks_faithfulness_and_custom_scalars_layout(tmp_path):
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
     layout = b"".join(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val)
     assert b"saliency/tsm/energy_in_mask" in layout and b"saliency/eigencam/energy_in_mask" in layout
+    # The headline label-free signal shares its chart with its fresh-init reference line.
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    parsed = layout_pb2.Layout.FromString(layout)
+    charts = {c.title: list(c.multiline.tag) for category in parsed.category for c in category.chart}
+    lines = {t.strip("^$") for t in charts["mass_spread"]}
+    assert {"saliency/tsm/mass_spread", "saliency/fresh_init_tsm/mass_spread"} <= lines
+    assert not any("embedding" in t for t in lines)  # the embedding's spread is another chart
 
 
 def test_metrics_off_logs_no_scalars(tmp_path):

@@ -103,7 +103,7 @@ def test_end_of_training_warns_when_the_maps_end_more_spread_than_a_fresh_networ
 
     # A fresh-init reference below any real spread: the last run's maps are "more spread out" than it.
     def low_reference(fresh, first):
-        return {**real(fresh, first), "saliency/fresh_init_tsm/spread": 0.0}
+        return {**real(fresh, first), "saliency/fresh_init_tsm/mass_spread": 0.0}
 
     monkeypatch.setattr(tracking, "fresh_init_scalars", low_reference)
     monitor = SaliencyMonitor(

@@ -36,7 +36,7 @@ def map_metrics(
 ) -> dict[str, dict[str, Tensor]]:
     """The cheap metrics (no model call) for every method, per image.
 
-    Per method: ``entropy`` (:func:`map_entropy`), ``gini`` (:func:`gini`), ``spread``
+    Per method: ``entropy`` (:func:`map_entropy`), ``gini`` (:func:`gini`), ``mass_spread``
     (:func:`~tsm_lightning.metrics.mass_spread`: how far the map's mass spreads around its centre, 1 for a uniform
     map); with ``masks``: ``pointing_game``,
     ``energy_in_mask``, ``mask_iou`` (at ``threshold``); with ``previous`` / ``first`` (maps logged at the previous
@@ -67,7 +67,7 @@ def map_metrics(
     names = list(maps)
     results: dict[str, dict[str, Tensor]] = {}
     for name, m in maps.items():
-        values: dict[str, Tensor] = {"entropy": map_entropy(m), "gini": gini(m), "spread": mass_spread(m)}
+        values: dict[str, Tensor] = {"entropy": map_entropy(m), "gini": gini(m), "mass_spread": mass_spread(m)}
         if masks is not None:
             values.update(localization_metrics(m, masks, threshold))
         for key, stored in (("stability_prev", previous), ("stability_first", first)):
