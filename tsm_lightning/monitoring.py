@@ -180,23 +180,24 @@ def collapse_scalars(output: object, references: dict[str, float]) -> dict[str, 
 
 
 def fresh_copy(module: nn.Module, seed: int) -> nn.Module:
-    """An independently initialised copy of ``module``, drawn under ``seed``.
+    """An independently initialised copy of ``module``, drawn under ``seed``, at the scale of ``module``'s tensors.
 
-    Every sub-module with a ``reset_parameters`` is reset. A parameter no such sub-module owns (a ViT's class token
-    and position embedding, a layer-scale vector) is redrawn from a normal distribution with its own mean and
-    standard deviation, so the copy keeps the scale of each tensor but shares no values with ``module``; a constant
-    tensor (a zero-initialised class token) stays as it is. The global RNG streams are left as they were.
+    Every floating-point parameter with more than one value is redrawn from a normal distribution with that
+    tensor's own mean and standard deviation, so the copy keeps the scale of each tensor but shares no values with
+    ``module``; a constant tensor (BatchNorm's initial weight and bias, a zero-initialised class token) stays as it
+    is, and normalisation layers forget their running statistics. Called on the network at its first logged step,
+    this draws from the network's own initialisation, whatever scheme its constructor used (a layer's
+    ``reset_parameters`` would draw PyTorch's default instead: for a Kaiming-normal ResNet that is a different
+    network, whose maps are measurably flatter). The global RNG streams are left as they were.
     """
     fresh = copy.deepcopy(module)
     with preserved_rng(seed), torch.no_grad():
-        covered: set[int] = set()
         for sub in fresh.modules():
-            reset = getattr(sub, "reset_parameters", None)
+            reset = getattr(sub, "reset_running_stats", None)
             if callable(reset):
                 reset()
-                covered.update(id(p) for p in sub.parameters(recurse=False))
         for param in fresh.parameters():
-            if id(param) not in covered and param.numel() > 1 and param.is_floating_point():
+            if param.numel() > 1 and param.is_floating_point():
                 mean, std = param.mean(), param.std()
                 param.normal_().mul_(std).add_(mean)
     return fresh

@@ -124,6 +124,17 @@ def test_seed_sweep_records_every_map_and_resumes(tmp_path):
     )
     assert refused.returncode != 0 and "none of the requested seeds met the criterion" in refused.stderr
 
+    # The monitor's own end-of-training numbers, recomputed from the checkpoint: the step-0 pointing game is the run's.
+    check = [sys.executable, str(ROOT / "benchmarks" / "spread_warning_check.py"), "--runs", str(runs)]
+    check += ["--probe-size", "4", "--image-size", "32", "--num-samples", "8", "--layer", "backbone.6"]
+    check += ["--output", str(results / "warning.csv")]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["map"]: r for r in csv.DictReader((results / "warning.csv").open())}
+    assert float(rows["tsm"]["pointing_game_step0"]) == pytest.approx(float(row["tsm_pg_init"]), abs=1e-3)
+    warns = float(rows["tsm"]["mass_spread"]) > float(rows["tsm"]["fresh_init_mass_spread"])
+    assert rows["tsm"]["warns"] == str(warns) and "| simclr_swap_seed3 |" in done.stdout
+
     # Resumable: the run is not trained again, and the CSVs keep one copy of its rows.
     stamp = path.stat().st_mtime_ns
     again = _sweep(runs, results)

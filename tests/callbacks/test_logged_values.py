@@ -9,6 +9,7 @@ that never changes, ``stability_prev`` against the previous run and ``stability_
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -64,6 +65,7 @@ class FeatureTap(Callback):
         self.features[step] = seen[0].float()
 
     def on_train_start(self, trainer, pl_module):
+        self.initial = copy.deepcopy(pl_module.backbone)  # the network at the monitor's first run
         self._tap(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, *args):
@@ -135,7 +137,7 @@ def fitted(tmp_path_factory):
     trainer = Trainer(callbacks=[monitor, tap], **trainer_kwargs(tmp_path, logger=False, max_steps=STEPS))
     trainer.fit(model, loader())
     tsm = {step: svd_tsm_mtsm(features.double().numpy())[0] for step, features in tap.features.items()}
-    return sink.scalars, tsm, masks.numpy(), model, images
+    return sink.scalars, tsm, masks.numpy(), tap.initial, images
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +201,10 @@ def test_spread_is_the_mean_over_every_probe_image(logged):
 
 
 def test_fresh_init_references_are_those_of_a_freshly_initialised_copy(fitted):
-    # The monitor's copy: the monitored network (the backbone) reset under seed + 1 (the monitor's seed is 0).
-    scalars, tsm, _, model, images = fitted
-    fresh = fresh_copy(model.backbone, 1).eval()
+    # The monitor's copy: the monitored network (the backbone) at its first run, redrawn under seed + 1 (the
+    # monitor's seed is 0).
+    scalars, tsm, _, initial, images = fitted
+    fresh = fresh_copy(initial, 1).eval()
     seen = []
     fresh.get_submodule(LAYER.split(".", 1)[1]).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
     with torch.no_grad():
