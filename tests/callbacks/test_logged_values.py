@@ -117,6 +117,21 @@ def _spread(maps: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def _entropy(maps: np.ndarray) -> np.ndarray:
+    # Shannon entropy of the map as a distribution over pixels, over log N.
+    p = maps.reshape(len(maps), -1) / maps.reshape(len(maps), -1).sum(axis=1, keepdims=True)
+    return -(p * np.log(np.where(p > 0, p, 1))).sum(axis=1) / np.log(p.shape[1])
+
+
+def _gini(maps: np.ndarray) -> np.ndarray:
+    # Hurley & Rickard's Gini index of the sorted values, rescaled by N / (N - 1).
+    c = np.sort(maps.reshape(len(maps), -1), axis=1)
+    n = c.shape[1]
+    k = np.arange(1, n + 1)
+    g = 1 - 2 * ((c / c.sum(axis=1, keepdims=True)) * (n - k + 0.5) / n).sum(axis=1)
+    return g * n / (n - 1)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("values")
@@ -213,4 +228,6 @@ def test_fresh_init_references_are_those_of_a_freshly_initialised_copy(fitted):
     for values in scalars.values():  # one value, at every run
         assert values["saliency/fresh_init_tsm/mass_spread"] == pytest.approx(_spread(maps).mean(), abs=1e-5)
         assert values["saliency/fresh_init_tsm/stability_first"] == pytest.approx(_pearson(maps, tsm[0]), abs=1e-5)
+        assert values["saliency/fresh_init_tsm/entropy"] == pytest.approx(_entropy(maps).mean(), abs=1e-5)
+        assert values["saliency/fresh_init_tsm/gini"] == pytest.approx(_gini(maps).mean(), abs=1e-5)
     assert _spread(maps).mean() != pytest.approx(_spread(tsm[0]).mean(), abs=1e-3)  # not the model's own maps
