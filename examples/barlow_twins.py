@@ -17,13 +17,15 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class BarlowTwins(LightningModule):
     """Barlow Twins: redundancy reduction between the embeddings of two views."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18") -> None:
+    def __init__(
+        self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18", schedule: str = "own"
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone, width = make_backbone(arch, stem)
@@ -40,6 +42,8 @@ class BarlowTwins(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = BarlowTwins(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = BarlowTwins(arch=args.arch, stem=args.stem, lr=args.lr, schedule=args.schedule)
     size = args.image_size
     transform = BYOLTransform(
         view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),

@@ -26,7 +26,7 @@ from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Trans
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class BYOL(LightningModule):
@@ -40,6 +40,7 @@ class BYOL(LightningModule):
         hidden_dim: int = 512,
         out_dim: int = 128,
         momentum: float = 0.99,
+        schedule: str = "own",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +76,8 @@ class BYOL(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-5)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.trainer.estimated_stepping_batches)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """Train BYOL; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=1e-3)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = BYOL(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = BYOL(arch=args.arch, stem=args.stem, lr=args.lr, schedule=args.schedule)
     size = args.image_size
     transform = BYOLTransform(
         view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0, min_scale=0.5, cj_strength=0.5),

@@ -25,6 +25,10 @@ of matching contrast) wrapped in :class:`~tsm_lightning.data.BackgroundSwapViews
 gets the sample's object over freshly drawn clutter, then that view's augmentation. ``--no-background-swap`` cuts
 every view from the same image instead (the ordinary pipeline; on this data the model then learns the clutter).
 Either way the probe is held-out images (never trained on) with their exact object masks.
+
+Optimizer. Each example keeps its method's own optimizer and schedule (``--schedule own``, the default);
+``--schedule onecycle`` gives any of them the demo's instead (:func:`onecycle_adamw`: AdamW under a OneCycle
+schedule peaking at ``--lr``), so that the SSL method matrix can tell a method from its recipe.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ SMALL_RESNET_WIDTHS = (16, 32, 64, 128)
 
 BUILT_IN_DATA = ("synthetic", "textured")
 
+SCHEDULES = ("own", "onecycle")
+"""``--schedule``: the example's own optimizer and schedule, or the demo's (:func:`onecycle_adamw`)."""
+
 
 def parse_args(description: str, argv: list[str] | None = None, **defaults: object) -> argparse.Namespace:
     """Command-line arguments shared by the examples; ``defaults`` override per example."""
@@ -77,6 +84,12 @@ def parse_args(description: str, argv: list[str] | None = None, **defaults: obje
     parser.add_argument("--output", default="runs", help="folder for TensorBoard logs and checkpoints")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.06)
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="own",
+        help="'own': the example's optimizer and schedule; 'onecycle': the demo's (AdamW, OneCycle peaking at --lr)",
+    )
     parser.add_argument("--num-samples", type=int, default=2048, help="size of the synthetic training set")
     parser.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
     parser.add_argument("--stem", choices=tuple(STAGE_STRIDES), default="imagenet", help="ResNet stem, see module doc")
@@ -87,6 +100,19 @@ def parse_args(description: str, argv: list[str] | None = None, **defaults: obje
     parser.add_argument("--accelerator", default="auto")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def onecycle_adamw(module: LightningModule, lr: float, weight_decay: float = 1e-5) -> tuple[list, list[dict]]:
+    """The demo's optimizer, for ``configure_optimizers``: AdamW over ``module``'s trainable parameters (a frozen
+    momentum or teacher copy is left out) under a OneCycle schedule that warms up over the first 10% of the
+    Trainer's steps to ``lr``, then anneals; stepped every optimizer step."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = module.trainer.estimated_stepping_batches
+    # OneCycleLR divides by zero when its warm-up ends on step 0, as 10% of 10 steps does: warm up for 1.5 then.
+    warmup = 0.1 if 0.1 * total != 1 else 0.15
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warmup)
+    return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
 def resnet18_backbone(stem: str = "imagenet") -> nn.Sequential:

@@ -49,7 +49,7 @@ from lightning.pytorch import LightningModule, seed_everything
 from torch import nn
 from torchvision.models.vision_transformer import ConvStemConfig
 
-from common import ExtraCallbacks, default_layer, make_backbone, parse_args, run
+from common import ExtraCallbacks, default_layer, make_backbone, onecycle_adamw, parse_args, run
 
 GRID = 8
 """Tokens per side: the patch size is ``image_size // GRID``."""
@@ -123,6 +123,7 @@ class DINO(LightningModule):
         arch: str = "small-resnet",
         stem: str = "cifar",
         conv_stem: bool = False,
+        schedule: str = "own",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -186,6 +187,8 @@ class DINO(LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.clip_grad, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
         arch=args.arch,
         stem=args.stem,
         conv_stem=known.conv_stem,
+        schedule=args.schedule,
     )
     transform = dino_transform(args.image_size, local_crop_size=args.image_size // 2 if resnet else None)
     name = "dino_resnet" if resnet else "dino_vit"

@@ -21,14 +21,19 @@ from lightly.transforms import MoCoV2Transform
 from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class MoCoV2(LightningModule):
     """MoCo v2: query encoder, momentum key encoder, InfoNCE against a memory bank."""
 
     def __init__(
-        self, stem: str = "imagenet", lr: float = 0.06, memory_bank_size: int = 4096, arch: str = "resnet18"
+        self,
+        stem: str = "imagenet",
+        lr: float = 0.06,
+        memory_bank_size: int = 4096,
+        arch: str = "resnet18",
+        schedule: str = "own",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +62,8 @@ class MoCoV2(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.trainer.estimated_stepping_batches)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = MoCoV2(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = MoCoV2(arch=args.arch, stem=args.stem, lr=args.lr, schedule=args.schedule)
     transform = MoCoV2Transform(input_size=args.image_size, gaussian_blur=0.0)
     return run(model, transform, args, name="moco_v2", extra_callbacks=extra_callbacks)
 

@@ -26,7 +26,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class SimCLR(LightningModule):
@@ -56,11 +56,7 @@ class SimCLR(LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=0.1
-        )
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+        return onecycle_adamw(self, self.hparams.lr, self.hparams.weight_decay)  # its own is the demo's
 
 
 def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | None = None) -> Path:

@@ -18,14 +18,19 @@ from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms import SwaVTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class SwaV(LightningModule):
     """SwAV: swapped prediction of Sinkhorn cluster assignments between crops."""
 
     def __init__(
-        self, stem: str = "imagenet", lr: float = 0.001, n_prototypes: int = 64, arch: str = "resnet18"
+        self,
+        stem: str = "imagenet",
+        lr: float = 0.001,
+        n_prototypes: int = 64,
+        arch: str = "resnet18",
+        schedule: str = "own",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -47,6 +52,8 @@ class SwaV(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = SwaV(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = SwaV(arch=args.arch, stem=args.stem, lr=args.lr, schedule=args.schedule)
     size = args.image_size
     transform = SwaVTransform(
         crop_sizes=(size, size // 2), crop_counts=(2, 4), crop_min_scales=(0.3, 0.1), gaussian_blur=0.0

@@ -17,13 +17,15 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from lightly.transforms import VICRegTransform
 from lightning.pytorch import LightningModule, seed_everything
 
-from common import ExtraCallbacks, make_backbone, parse_args, run
+from common import ExtraCallbacks, make_backbone, onecycle_adamw, parse_args, run
 
 
 class VICReg(LightningModule):
     """VICReg: variance-invariance-covariance regularisation of two views' embeddings."""
 
-    def __init__(self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18") -> None:
+    def __init__(
+        self, stem: str = "imagenet", lr: float = 0.001, arch: str = "resnet18", schedule: str = "own"
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone, width = make_backbone(arch, stem)
@@ -41,6 +43,8 @@ class VICReg(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.hparams.schedule == "onecycle":
+            return onecycle_adamw(self, self.hparams.lr)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     """Train; ``extra_callbacks`` as in :func:`common.run`. Returns the TensorBoard log folder."""
     args = parse_args(__doc__, argv, lr=0.001)
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = VICReg(arch=args.arch, stem=args.stem, lr=args.lr)
+    model = VICReg(arch=args.arch, stem=args.stem, lr=args.lr, schedule=args.schedule)
     transform = VICRegTransform(input_size=args.image_size, gaussian_blur=0.0, solarize_prob=0.0)
     return run(model, transform, args, name="vicreg", extra_callbacks=extra_callbacks)
 

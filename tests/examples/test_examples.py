@@ -3,6 +3,7 @@
 import importlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,3 +156,55 @@ def test_vit_conv_stem_keeps_the_token_grid_and_refuses_a_patch_it_cannot_halve_
     assert tokens[0].shape == (2, 1 + GRID**2, 128)
     with pytest.raises(ValueError, match="power of two"):
         vit_backbone(48, conv_stem=True)  # 6 px patches
+
+
+ONECYCLE = {"moco_v2": "MoCoV2", "byol": "BYOL", "swav": "SwaV", "barlow_twins": "BarlowTwins", "vicreg": "VICReg"}
+ONECYCLE["dino_vit"] = "DINO"
+
+
+@pytest.mark.parametrize("name", ONECYCLE)
+def test_schedule_onecycle_reaches_the_model_from_the_command_line(name, tmp_path, monkeypatch):
+    module = importlib.import_module(name)
+    built = []
+    monkeypatch.setattr(module, "run", lambda model, *args, **kwargs: built.append(model) or tmp_path)
+    module.main([*TINY, "--schedule", "onecycle", "--lr", "0.004"])
+    module.main(TINY)
+    assert [m.hparams.schedule for m in built] == ["onecycle", "own"]
+
+
+@pytest.mark.parametrize("name", ONECYCLE)
+def test_schedule_onecycle_gives_the_demos_optimizer_to_the_trainable_parameters(name):
+    module = importlib.import_module(name)
+    cls = getattr(module, ONECYCLE[name])
+    own = cls(arch="small-resnet", stem="cifar")
+    own.trainer = SimpleNamespace(estimated_stepping_batches=150)
+    returned = own.configure_optimizers()
+    optimizer = returned[0][0] if isinstance(returned, tuple) else returned
+    assert "max_lr" not in optimizer.param_groups[0]  # the example's own: no OneCycle
+
+    model = cls(arch="small-resnet", stem="cifar", schedule="onecycle", lr=0.004)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=150)
+    (optimizer,), (scheduler,) = model.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW and scheduler["interval"] == "step"
+    assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.OneCycleLR)
+    (group,) = optimizer.param_groups
+    assert group["max_lr"] == 0.004 and group["weight_decay"] == 1e-5
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for p in group["params"]] == [id(p) for p in trainable]
+    assert len(trainable) < len(list(model.parameters())) or name in ("swav", "barlow_twins", "vicreg")
+
+
+@pytest.mark.parametrize("total", [2, 9, 10, 11, 150])
+def test_onecycle_warm_up_survives_every_step_count(total):
+    from simclr import SimCLR
+
+    model = SimCLR(lr=0.004)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=total)
+    (optimizer,), (scheduler,) = model.configure_optimizers()  # 10 steps: OneCycleLR divided by zero here
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler["scheduler"].step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < lr <= 0.004 for lr in lrs)
+    assert total < 9 or lrs[-1] < max(lrs) / 10  # warmed up, then annealed
