@@ -24,6 +24,12 @@ beside the matrix's runs, e.g. the ViT recipes tried for DINO:
 
     .venv/bin/python benchmarks/ssl_matrix.py --methods dino_vit --seeds 0 --noswap-seeds \\
         --variant convstem -- --conv-stem
+
+or the demo's optimizer for every method (``--schedule onecycle``, :func:`common.onecycle_adamw`), which tells a
+method that does not learn from a recipe that does not suit it:
+
+    .venv/bin/python benchmarks/ssl_matrix.py --methods moco_v2 byol swav barlow_twins vicreg dino_resnet \\
+        --seeds 0 --noswap-seeds --variant onecycle -- --schedule onecycle --lr 2e-3
 """
 
 from __future__ import annotations
@@ -181,7 +187,9 @@ def report(results: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=tuple(MATRIX), default=list(MATRIX))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="background-swap seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[0, 1, 2], help="background-swap seeds (none: only the control)"
+    )
     parser.add_argument("--noswap-seeds", type=int, nargs="*", default=[0], help="seeds of the no-swap control")
     parser.add_argument("--runs", type=Path, default=Path("runs/sweep"), help="records and TensorBoard logs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_matrix")
