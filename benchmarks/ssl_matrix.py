@@ -13,7 +13,7 @@ After every run ``--results`` gets ``summary.csv`` (one row per run: each map's 
 init and at the end, the random map and chance, loss, spread and effective rank, seconds) and ``scalars.csv``
 (every per-step scalar, long format); ``--report`` (also run at the end) writes ``table.md`` (per method: mean and
 spread over seeds) and ``pointing_game.png`` (TSM's pointing game per method against the random-map and chance
-lines) from the CSVs.
+lines) from the CSVs, and ``pointing_game_variants.png`` when recipe variants have run (see below).
 
     .venv/bin/python benchmarks/ssl_matrix.py --runs runs/sweep \\
         --results benchmarks/results/ssl_matrix          # hours of CPU; resumable: run it again to go on
@@ -158,17 +158,26 @@ def table(summary: list[dict[str, str]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def figure(scalars: list[dict[str, str]], path: Path) -> dict[str, int]:
-    """TSM's pointing game against the step per method (background-swap runs: each seed, their mean and range),
-    with the random-map and chance lines."""
+def figure_groups(summary: list[dict[str, str]], seeds: int = 3) -> tuple[list[str], list[str]]:
+    """Which methods each figure draws: the matrix's (every method under its own recipe, and a variant run on at
+    least ``seeds`` background-swap seeds, as a matrix row is), and the recipe variants (every ``<method>+NAME``,
+    with SimCLR, the demo, for reference)."""
     order = {method: index for index, method in enumerate(MATRIX)}
-    rows = sorted(scalars, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
-    return curve_figure(
-        rows,
-        path,
-        lambda row: row["method"] if row["swap"] == "True" else None,
-        "Background swap on TexturedObjects: TSM pointing game per SSL method",
-    )
+    counts: dict[str, int] = defaultdict(int)
+    for row in summary:
+        counts[row["method"]] += row["swap"] == "True"
+    methods = sorted((m for m in counts if counts[m]), key=lambda m: (order.get(m.split("+")[0], len(order)), m))
+    main = [m for m in methods if "+" not in m or counts[m] >= seeds]
+    variants = [m for m in methods if "+" in m or m == "simclr"]
+    return main, variants
+
+
+def figure(scalars: list[dict[str, str]], path: Path, methods: list[str], title: str) -> dict[str, int]:
+    """TSM's pointing game against the step for ``methods`` in that order (background-swap runs: each seed, their
+    mean and range), with the random-map and chance lines."""
+    order = {method: index for index, method in enumerate(methods)}
+    rows = sorted((r for r in scalars if r["method"] in order), key=lambda r: order[r["method"]])
+    return curve_figure(rows, path, lambda row: row["method"] if row["swap"] == "True" else None, title)
 
 
 def report(results: Path) -> None:
@@ -179,9 +188,14 @@ def report(results: Path) -> None:
         scalars = list(csv.DictReader(handle))
     text = table(summary)
     (results / "table.md").write_text(text)
-    figure(scalars, results / "pointing_game.png")
+    main, variants = figure_groups(summary)
+    figure(scalars, results / "pointing_game.png", main, "Background swap on TexturedObjects: TSM pointing game")
     print(text)
     print(f"Figure: {results / 'pointing_game.png'}")
+    if len(variants) > 1:
+        title = "Recipe variants, SimCLR (the demo) for reference: TSM pointing game"
+        figure(scalars, results / "pointing_game_variants.png", variants, title)
+        print(f"Figure: {results / 'pointing_game_variants.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

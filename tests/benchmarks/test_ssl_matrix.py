@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ssl_matrix import MATRIX, cadence, table  # noqa: E402
+from ssl_matrix import MATRIX, cadence, figure_groups, table  # noqa: E402
 
 
 def test_matrix_covers_the_issues_methods_and_reads_each_cadence():
@@ -63,3 +63,14 @@ def test_table_gives_means_and_spread_over_seeds_and_the_control():
     line = table(rows).splitlines()[2]
     assert line.startswith("| byol | 2 (1) | 0.25 (0.20–0.30) → 0.70 (0.60–0.80) |")
     assert "| 0.10 |" in line
+
+
+def test_figures_split_the_matrix_from_the_recipe_variants():
+    def runs(method: str, seeds: int, control: bool = True) -> list[dict[str, str]]:
+        return [{"method": method, "swap": "True"}] * seeds + [{"method": method, "swap": "False"}] * control
+
+    summary = runs("vicreg", 3) + runs("byol+onecycle", 1) + runs("simclr", 3) + runs("dino_vit+convstem", 3)
+    summary += runs("byol", 2) + runs("swav+only_control", 0)
+    main, variants = figure_groups(summary)
+    assert main == ["simclr", "byol", "vicreg", "dino_vit+convstem"]  # the matrix's order; a 3-seed variant joins
+    assert variants == ["simclr", "byol+onecycle", "dino_vit+convstem"]
