@@ -12,6 +12,10 @@ views have in common, and what NT-Xent rewards, is the object: the saliency maps
 object, and the pointing game rises from chance.
 
 SimCLR needs no momentum encoder or memory bank: the other 2 x 63 views of the batch are the negatives.
+
+``--backbone vit`` trains the small Vision Transformer of ``dino_vit.py`` (``--conv-stem`` for its convolutional
+stem) with this loss and recipe instead, monitoring its last encoder block: it tells the ViT from DINO's loss when
+the DINO example does not learn.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from dino_vit import vit_backbone
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
@@ -39,12 +44,27 @@ class SimCLR(LightningModule):
         lr: float = 2e-3,
         temperature: float = 0.5,
         weight_decay: float = 1e-5,
+        backbone: str = "resnet",
+        image_size: int = 64,
+        conv_stem: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone, width = make_backbone(arch, stem)
+        if backbone == "vit":  # dino_vit.py's ViT: its class token is the representation
+            self.backbone, width = vit_backbone(image_size, conv_stem=conv_stem), 128
+        elif backbone == "resnet":
+            self.backbone, width = make_backbone(arch, stem)
+        else:
+            raise ValueError(f"backbone must be 'resnet' or 'vit', got {backbone!r}.")
         self.projection_head = SimCLRProjectionHead(width, width, 128)
         self.criterion = NTXentLoss(temperature=temperature)
+
+    @property
+    def monitored_layer(self) -> str | None:
+        """The ViT's last encoder block; ``None`` for a ResNet (the examples' default layer)."""
+        if self.hparams.backbone != "vit":
+            return None
+        return f"backbone.encoder.layers.encoder_layer_{len(self.backbone.encoder.layers) - 1}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection_head(self.backbone(x).flatten(start_dim=1))
@@ -68,6 +88,8 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     recipe.add_argument("--min-scale", type=float, default=0.5, help="smallest random crop, fraction of the area")
+    recipe.add_argument("--backbone", choices=("resnet", "vit"), default="resnet", help="vit: dino_vit.py's ViT")
+    recipe.add_argument("--conv-stem", action="store_true", help="with --backbone vit: its convolutional stem")
     known, argv = recipe.parse_known_args(argv)
     args = parse_args(
         __doc__,
@@ -82,14 +104,22 @@ def main(argv: list[str] | None = None, *, extra_callbacks: ExtraCallbacks | Non
         probe_size=128,
     )
     seed_everything(args.seed, workers=True)  # the initial weights are part of the run
-    model = SimCLR(arch=args.arch, stem=args.stem, lr=args.lr, temperature=known.temperature)
+    model = SimCLR(
+        arch=args.arch,
+        stem=args.stem,
+        lr=args.lr,
+        temperature=known.temperature,
+        backbone=known.backbone,
+        image_size=args.image_size,
+        conv_stem=known.conv_stem,
+    )
     # Milder than SimCLR's ImageNet recipe: crops keep at least half the image (so that both views usually hold
     # the object) and colour jitter at 0.4 strength leaves its colours recognisable; no blur at 64 px.
     transform = SimCLRTransform(
         input_size=args.image_size, cj_strength=0.4, min_scale=known.min_scale, gaussian_blur=0.0
     )
-    name = "simclr" if args.background_swap else "simclr_no_swap"
-    return run(model, transform, args, name=name, extra_callbacks=extra_callbacks)
+    name = ("simclr" if known.backbone == "resnet" else "simclr_vit") + ("" if args.background_swap else "_no_swap")
+    return run(model, transform, args, name=name, layer=model.monitored_layer, extra_callbacks=extra_callbacks)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,17 @@ def test_onecycle_warm_up_survives_every_step_count(total):
         lrs.append(optimizer.param_groups[0]["lr"])
     assert all(0 < lr <= 0.004 for lr in lrs)
     assert total < 9 or lrs[-1] < max(lrs) / 10  # warmed up, then annealed
+
+
+def test_simclr_trains_the_vit_and_monitors_its_last_block(tmp_path):
+    module = importlib.import_module("simclr")
+    log_dir = module.main([*TINY, "--backbone", "vit", "--conv-stem", "--output", str(tmp_path)])
+    assert log_dir == tmp_path / "simclr_vit" / "version_0"
+    model = module.SimCLR.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
+    assert model.monitored_layer == "backbone.encoder.layers.encoder_layer_3" and model.hparams.conv_stem
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    images = _images(log_dir)
+    assert images["saliency/tsm"] == [0, 1, 2] and images["saliency/attention"] == [0, 1, 2]
+    assert module.SimCLR().monitored_layer is None
+    with pytest.raises(ValueError, match="backbone must be 'resnet' or 'vit'"):
+        module.SimCLR(backbone="convnext")
