@@ -364,7 +364,7 @@ def curve_figure(
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     counts: dict[str, int] = {}
     for index, (name, runs) in enumerate(curves.items()):
-        colour = f"C{index % 10}"
+        colour = f"C{index}" if len(curves) <= 10 else plt.get_cmap("tab20")(index % 20)
         steps = sorted({step for run in runs.values() for step in run})
         table = [[run[s] for run in runs.values() if s in run] for s in steps]
         for run in runs.values():

@@ -13,7 +13,8 @@ After every run ``--results`` gets ``summary.csv`` (one row per run: each map's 
 init and at the end, the random map and chance, loss, spread and effective rank, seconds) and ``scalars.csv``
 (every per-step scalar, long format); ``--report`` (also run at the end) writes ``table.md`` (per method: mean and
 spread over seeds) and ``pointing_game.png`` (TSM's pointing game per method against the random-map and chance
-lines) from the CSVs, and ``pointing_game_variants.png`` when recipe variants have run (see below).
+lines) from the CSVs, ``pointing_game_variants.png`` when recipe variants have run (see below) and
+``attention_vit.png`` (the class-token attention's pointing game) when ViTs have.
 
     .venv/bin/python benchmarks/ssl_matrix.py --runs runs/sweep \\
         --results benchmarks/results/ssl_matrix          # hours of CPU; resumable: run it again to go on
@@ -158,10 +159,10 @@ def table(summary: list[dict[str, str]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def figure_groups(summary: list[dict[str, str]], seeds: int = 3) -> tuple[list[str], list[str]]:
+def figure_groups(summary: list[dict[str, str]], seeds: int = 3) -> tuple[list[str], list[str], list[str]]:
     """Which methods each figure draws: the matrix's (every method under its own recipe, and a variant run on at
-    least ``seeds`` background-swap seeds, as a matrix row is), and the recipe variants (every ``<method>+NAME``,
-    with SimCLR, the demo, for reference)."""
+    least ``seeds`` background-swap seeds, as a matrix row is), the recipe variants (every ``<method>+NAME``, with
+    SimCLR, the demo, for reference) and the ViTs (every method whose runs have a class-token attention)."""
     order = {method: index for index, method in enumerate(MATRIX)}
     counts: dict[str, int] = defaultdict(int)
     for row in summary:
@@ -169,15 +170,26 @@ def figure_groups(summary: list[dict[str, str]], seeds: int = 3) -> tuple[list[s
     methods = sorted((m for m in counts if counts[m]), key=lambda m: (order.get(m.split("+")[0], len(order)), m))
     main = [m for m in methods if "+" not in m or counts[m] >= seeds]
     variants = [m for m in methods if "+" in m or m == "simclr"]
-    return main, variants
+    vits = {row["method"] for row in summary if row.get("attention_pg_end")}
+    return main, variants, [m for m in methods if m in vits]
 
 
-def figure(scalars: list[dict[str, str]], path: Path, methods: list[str], title: str) -> dict[str, int]:
-    """TSM's pointing game against the step for ``methods`` in that order (background-swap runs: each seed, their
-    mean and range), with the random-map and chance lines."""
+def figure(
+    scalars: list[dict[str, str]], path: Path, methods: list[str], title: str, map_name: str = "tsm"
+) -> dict[str, int]:
+    """A map's pointing game (TSM's by default) against the step for ``methods`` in that order (background-swap
+    runs: each seed, their mean and range), with the random-map and chance lines."""
     order = {method: index for index, method in enumerate(methods)}
     rows = sorted((r for r in scalars if r["method"] in order), key=lambda r: order[r["method"]])
-    return curve_figure(rows, path, lambda row: row["method"] if row["swap"] == "True" else None, title)
+    label = {"tsm": "TSM", "attention": "Attention"}.get(map_name, map_name)
+    return curve_figure(
+        rows,
+        path,
+        lambda row: row["method"] if row["swap"] == "True" else None,
+        title,
+        tag=f"record/{map_name}/pointing_game",
+        ylabel=f"{label} pointing game (128 held-out images)",
+    )
 
 
 def report(results: Path) -> None:
@@ -188,7 +200,7 @@ def report(results: Path) -> None:
         scalars = list(csv.DictReader(handle))
     text = table(summary)
     (results / "table.md").write_text(text)
-    main, variants = figure_groups(summary)
+    main, variants, vits = figure_groups(summary)
     figure(scalars, results / "pointing_game.png", main, "Background swap on TexturedObjects: TSM pointing game")
     print(text)
     print(f"Figure: {results / 'pointing_game.png'}")
@@ -196,6 +208,10 @@ def report(results: Path) -> None:
         title = "Recipe variants, SimCLR (the demo) for reference: TSM pointing game"
         figure(scalars, results / "pointing_game_variants.png", variants, title)
         print(f"Figure: {results / 'pointing_game_variants.png'}")
+    if vits:
+        title = "Vision transformers: the class-token attention's pointing game"
+        figure(scalars, results / "attention_vit.png", vits, title, map_name="attention")
+        print(f"Figure: {results / 'attention_vit.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,6 +71,10 @@ def test_figures_split_the_matrix_from_the_recipe_variants():
 
     summary = runs("vicreg", 3) + runs("byol+onecycle", 1) + runs("simclr", 3) + runs("dino_vit+convstem", 3)
     summary += runs("byol", 2) + runs("swav+only_control", 0)
-    main, variants = figure_groups(summary)
-    assert main == ["simclr", "byol", "vicreg", "dino_vit+convstem"]  # the matrix's order; a 3-seed variant joins
+    summary += [{"method": "dino_vit", "swap": "True", "attention_pg_end": "0.2"}]
+    summary += [{"method": "simclr+vit", "swap": "False", "attention_pg_end": "0.3"}]
+    summary = [{"attention_pg_end": "", **row} for row in summary]
+    main, variants, vits = figure_groups(summary)
+    assert main == ["simclr", "byol", "vicreg", "dino_vit", "dino_vit+convstem"]  # the matrix's order; 3-seed variant
     assert variants == ["simclr", "byol+onecycle", "dino_vit+convstem"]
+    assert vits == ["dino_vit"]  # a method drawn needs a background-swap run
