@@ -233,6 +233,8 @@ def test_gram_dtype_guards_against_tf32_off_the_cpu():
         # Any accelerator (shown with the meta device, which has no kernels) takes the Gram in float64.
         assert gram_dtype_for(torch.empty(1, 2, 2, 2, dtype=dtype, device="meta")) == torch.float64
     assert gram_dtype_for(torch.empty(1, 2, 2, 2, dtype=torch.float64)) == torch.float64
+    assert gram_dtype_for(torch.empty(1, 2048, 7, 7)) == torch.float64  # sums over 2048 channels: float64 Gram
+    assert gram_dtype_for(torch.empty(1, 512, 7, 7)) == torch.float32
 
 
 def test_matmul_precision_setting_does_not_change_cpu_maps():

@@ -30,6 +30,7 @@ from tsm_lightning.checks import check_features, check_num_components
 
 __all__ = [
     "EXACT_GRAM_FROM",
+    "EXACT_GRAM_REDUCTION",
     "Decomposition",
     "Spectrum",
     "autocast_off",
@@ -93,7 +94,14 @@ EXACT_GRAM_FROM = 128
 Measured (``benchmarks/bench_grids.py``, ``tests/core/test_maps.py``): with a float32 Gram the normalised multivector
 maps of noise-like features at ``(256, 28, 28)`` differ from the float64 ones by up to 1e-4 (the limit), with a
 float64 Gram by ~1e-6; the float64 Gram costs ~5% more there (the two float64 ``eigh`` dominate), but ~2x the
-Gram's time at ``(2048, 7, 7)``, where a float32 Gram stays at ~7e-5. Below this size the Gram stays float32.
+Gram's time at ``(2048, 7, 7)``. Below this size the Gram stays float32 unless :data:`EXACT_GRAM_REDUCTION` applies.
+"""
+
+EXACT_GRAM_REDUCTION = 1024
+"""Reduction length ``max(C, h * w)`` (the sum each Gram entry takes) from which the CPU forms the Gram of float32
+features in float64 too, whatever its size: at ``(2048, 7, 7)`` (ResNet50's ``layer4``, the paper's layer) the sums
+over 2048 channels in float32 left the normalised MTSM 7e-5 from float64 on one CPU and 1.0e-4, the parity limit, on
+another (``tests/core/test_maps.py``); the float64 Gram there is a 49 x 49 one, about twice the float32 one's time.
 """
 
 
@@ -109,14 +117,16 @@ def gram_dtype_for(features: Tensor) -> torch.dtype:
 
     float64 features stay float64. On the CPU float32 (and half-precision) features give a float32 Gram below
     :data:`EXACT_GRAM_FROM` (exact enough: the float64 ``eigh`` that follows is what matters) and a float64 one from
-    there on, where float32 rounding would take the multivector maps to the edge of 1e-4 parity. On any other device
+    there on, where float32 rounding would take the multivector maps to the edge of 1e-4 parity; likewise when each
+    entry sums at least :data:`EXACT_GRAM_REDUCTION` terms. On any other device
     the Gram is taken in float64, so that TF32 matmuls (``torch.set_float32_matmul_precision("high")``, or cuBLAS
     defaults) can never degrade it: the guard holds by construction, without touching global matmul flags.
     """
     if _work_dtype(features) == torch.float64:
         return torch.float64
-    m = min(features.shape[1], features.shape[2:].numel())
-    return torch.float64 if m >= EXACT_GRAM_FROM else torch.float32
+    channels, positions = features.shape[1], features.shape[2:].numel()
+    m, reduction = min(channels, positions), max(channels, positions)
+    return torch.float64 if m >= EXACT_GRAM_FROM or reduction >= EXACT_GRAM_REDUCTION else torch.float32
 
 
 def _unfold(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
